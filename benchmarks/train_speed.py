@@ -1,0 +1,94 @@
+"""Training speed and AUROC of the naive setup against edfed's default, side by side in one run.
+
+naive:    LoRA in every encoder layer, every batch padded to 256 tokens, fp32, nothing cached
+default:  LoRA in the top layers only, frozen lower layers computed once (bf16) and cached,
+          batches padded to their longest note
+default-fp32: the default with the frozen layers in fp32, to show what bf16 costs in AUROC
+
+Every setup trains on the same visits for the same epochs and is scored on the same test visits.
+
+    python benchmarks/train_speed.py [--data data/cohort] [--train-visits 1200] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from common.config import TrainConfig
+from common.data import VisitDataset
+from common.metrics import evaluate
+from common.train import cache_frozen_layers, predict
+from simulations.central import fit_central, load_cohort, load_tokenizer
+
+SETUPS = {
+    "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", bf16=False, cache_frozen=False),
+    "default": dict(),
+    "default-fp32": dict(bf16=False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/cohort"))
+    parser.add_argument("--train-visits", type=int, default=1200)
+    parser.add_argument("--test-visits", type=int, default=1500)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--setups", default=",".join(SETUPS))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    if not args.data.exists():
+        from simulations.cohort import generate_cohort
+
+        generate_cohort(args.data)
+    cohort = load_cohort(args.data, seed=0)
+    rng = np.random.default_rng(0)
+    train = cohort[cohort["split"] == "train"]
+    train = train.iloc[np.sort(rng.choice(len(train), min(args.train_visits, len(train)), replace=False))]
+    val = cohort[cohort["split"] == "val"]
+    test = cohort[cohort["split"] == "test"]
+    test = test.iloc[np.sort(rng.choice(len(test), min(args.test_visits, len(test)), replace=False))]
+    console = Console()
+    console.print(f"{len(train)} training visits x {args.epochs} epochs, {len(test)} test visits, "
+                  f"{torch.get_num_threads()} threads")
+    rows = []
+    for name in args.setups.split(","):
+        config = TrainConfig(epochs=args.epochs, **SETUPS[name])
+        tokenizer = load_tokenizer(config)
+        started = time.perf_counter()
+        model, history = fit_central(config, train, val, tokenizer, show_progress=True)
+        wall = time.perf_counter() - started
+        train_seconds = sum(h["seconds"] for h in history)
+        trained = sum(h["examples"] for h in history)
+        test_set = VisitDataset(test, tokenizer, config)
+        cache_frozen_layers(model, test_set)
+        metrics = evaluate(test_set.labels.numpy(), predict(model, test_set), bootstrap=0)
+        aurocs = {k: m["auroc"] for k, m in metrics.items()}
+        rows.append((name, config, trained / train_seconds, trained / wall, aurocs))
+        console.print(f"{name}: {trained / train_seconds:.1f} examples/s in training steps, "
+                      f"{trained / wall:.1f} examples/s end to end (incl. caching), AUROC {aurocs}")
+    table = Table(title="training speed and AUROC (same data, same epochs)")
+    for col in ("setup", "LoRA layers", "tokens", "padding", "frozen part", "step ex/s", "end-to-end ex/s",
+                *[f"AUROC {k}" for k in rows[0][4]], "mean AUROC"):
+        table.add_column(col)
+    for name, config, step_speed, e2e_speed, aurocs in rows:
+        table.add_row(name, str(config.lora_layers or "all"), str(config.max_tokens), config.padding,
+                      ("bf16" if config.bf16 else "fp32") + (", cached" if config.cache_frozen else ""),
+                      f"{step_speed:.1f}", f"{e2e_speed:.1f}", *[f"{v:.3f}" for v in aurocs.values()],
+                      f"{np.mean(list(aurocs.values())):.3f}")
+    console.print(table)
+    if {"naive", "default"} <= {r[0] for r in rows}:
+        by = {r[0]: r for r in rows}
+        speedup = by["default"][3] / by["naive"][3]
+        gap = np.mean(list(by["default"][4].values())) - np.mean(list(by["naive"][4].values()))
+        console.print(f"default vs naive: {speedup:.1f}x end-to-end examples/s, mean AUROC {gap:+.3f}")
+
+
+if __name__ == "__main__":
+    main()

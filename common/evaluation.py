@@ -1,0 +1,73 @@
+"""Held-out evaluation of a trained model: pooled and per site, with oracle AUROC and plots.
+
+Central and federated runs both end here, so their `summary.json` numbers mean the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from common.contract import OUTCOMES
+from common.data import VisitDataset, load_oracle
+from common.metrics import evaluate
+from common.model import OutcomeModel
+from common.plots import plot_roc_and_calibration
+from common.train import cache_frozen_layers, predict
+
+
+def oracle_risks(data_dir: Path, table: pd.DataFrame) -> np.ndarray | None:
+    """True risks aligned with `table`'s rows ([n, 3]), or None when the cohort has no oracle."""
+    frames = []
+    for site, rows in table.groupby("site", sort=False):
+        oracle = load_oracle(data_dir, site)
+        if oracle is None:
+            return None
+        frames.append(rows[["visit_id"]].merge(oracle, on="visit_id", how="left"))
+    merged = table[["site", "visit_id"]].merge(pd.concat(frames), on="visit_id", how="left")
+    return merged[[f"risk_{o}" for o in OUTCOMES]].to_numpy(float)
+
+
+def evaluate_on_test(model: OutcomeModel, test: pd.DataFrame, tokenizer, data_dir: Path, out_dir: Path,
+                     title: str) -> tuple[dict, dict]:
+    """(`final`, `per_site`) metrics on a pooled test table (which has a `site` column); writes plots."""
+    config = model.config
+    dataset = VisitDataset(test, tokenizer, config)
+    cache_frozen_layers(model, dataset)
+    probs = predict(model, dataset)
+    labels = dataset.labels.numpy()
+    oracle = oracle_risks(data_dir, test)
+    final = evaluate(labels, probs, config.bootstrap, config.seed, oracle)
+    per_site = {}
+    for site in pd.unique(test["site"]):
+        rows = (test["site"] == site).to_numpy()
+        per_site[site] = evaluate(labels[rows], probs[rows], config.bootstrap, config.seed,
+                                  None if oracle is None else oracle[rows])
+    plot_roc_and_calibration(labels, probs, final, out_dir, title)
+    return final, per_site
+
+
+def write_summary(out_dir: Path, summary: dict) -> Path:
+    """Write summary.json atomically: a reader never sees half a file."""
+    path = out_dir / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def print_metrics(final: dict, title: str, console: Console | None = None) -> None:
+    table = Table(title=title)
+    for col in ("outcome", "AUROC (95% CI)", "oracle AUROC", "AUPRC", "Brier", "ECE", "n", "events"):
+        table.add_column(col)
+    for name, m in final.items():
+        lo, hi = m.get("auroc_ci", [float("nan")] * 2)
+        table.add_row(name, f"{m['auroc']:.3f} ({lo:.3f}-{hi:.3f})", f"{m.get('oracle_auroc', float('nan')):.3f}",
+                      f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}", str(m["n"]), str(m["events"]))
+    (console or Console()).print(table)

@@ -1,0 +1,54 @@
+"""Discrimination and calibration per outcome, with percentile-bootstrap 95% intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from common.contract import OUTCOMES
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Mean |observed - predicted| over equal-width probability bins, weighted by bin size."""
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, y, bins) - np.bincount(which, p, bins))
+    return float(gap.sum() / max(counts.sum(), 1))
+
+
+def _point(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    both = 0 < y.sum() < len(y)
+    return {
+        "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "auprc": float(average_precision_score(y, p)) if both else float("nan"),
+        "brier": float(np.mean((p - y) ** 2)),
+        "ece": expected_calibration_error(y, p),
+    }
+
+
+def outcome_metrics(y: np.ndarray, p: np.ndarray, bootstrap: int = 200, seed: int = 0,
+                    oracle: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of one outcome on the rows whose label is known, with `<metric>_ci` = [lo, hi]."""
+    known = ~np.isnan(y)
+    y, p = y[known].astype(float), p[known].astype(float)
+    result: dict = {**_point(y, p), "n": int(len(y)), "events": int(y.sum())}
+    if oracle is not None:
+        o = oracle[known]
+        result["oracle_auroc"] = _point(y, o)["auroc"] if not np.isnan(o).any() else float("nan")
+    if bootstrap and len(y) > 1:
+        rng = np.random.default_rng(seed)
+        draws = [_point(y[i], p[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(bootstrap))]
+        for name in ("auroc", "auprc", "brier", "ece"):
+            values = np.array([d[name] for d in draws])
+            values = values[~np.isnan(values)]
+            result[f"{name}_ci"] = ([float(v) for v in np.percentile(values, [2.5, 97.5])]
+                                    if len(values) else [float("nan")] * 2)
+    return result
+
+
+def evaluate(labels: np.ndarray, probs: np.ndarray, bootstrap: int = 200, seed: int = 0,
+             oracle: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """`{outcome: metrics}` for [n, 3] labels (NaN = not applicable) and predicted probabilities."""
+    return {name: outcome_metrics(labels[:, k], probs[:, k], bootstrap, seed + k,
+                                  None if oracle is None else oracle[:, k])
+            for k, name in enumerate(OUTCOMES)}

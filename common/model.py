@@ -1,0 +1,166 @@
+"""The one model: a frozen pretrained encoder with LoRA adapters, a structured tower, fusion, three heads.
+
+    notes ─ tokens ─ frozen lower layers ─ LoRA upper layers ─ mean pool ─┐
+                                                                         ├─ fusion ─ 3 logits
+    structured ─ fixed transforms + missing flags ─ tower ───────────────┘
+
+Only the adapters, tower, fusion and heads train; they are all that ever leaves a site. The encoder
+is split at the first adapted layer: everything below is frozen and deterministic (dropout is off),
+so its output can be computed once per visit and reused across epochs and rounds (`lower`), while
+`upper` runs the adapted layers on it. `--modality` removes a branch without changing any other code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from common.config import TrainConfig
+from common.contract import OUTCOMES
+from common.errors import EdfedError
+
+STRUCT_DIM, FUSION_DIM = 64, 128
+
+
+def load_frozen_encoder(encoder_dir) -> nn.Module:
+    """A local Hugging Face encoder with every weight frozen and every dropout set to 0."""
+    if not (encoder_dir / "config.json").is_file():
+        raise EdfedError(f"--model {encoder_dir}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(encoder_dir, local_files_only=True)
+    # Dropout off, so the frozen layers give the same output every epoch and can be cached.
+    for name in list(vars(config)):
+        if "dropout" in name and isinstance(getattr(config, name), float):
+            setattr(config, name, 0.0)
+    try:
+        encoder = AutoModel.from_pretrained(encoder_dir, config=config, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EdfedError(f"--model {encoder_dir}: cannot load encoder weights ({exc})") from exc
+    encoder.requires_grad_(False)
+    return encoder
+
+
+class OutcomeModel(nn.Module):
+    def __init__(self, config: TrainConfig, n_struct: int) -> None:
+        super().__init__()
+        self.config = config
+        fusion_in = 0
+        self.encoder = None
+        if config.uses_text:
+            base = load_frozen_encoder(config.encoder_dir)
+            layers = _transformer_layers(base)
+            n_layers = len(layers) if layers is not None else 0
+            top = config.lora_layers if 0 < config.lora_layers < n_layers else n_layers
+            # Split only where we know how to run the layers one by one (BERT-style encoders).
+            self.first_adapted = n_layers - top if layers is not None else 0
+            lora = LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=list(config.lora_targets),
+                layers_to_transform=list(range(self.first_adapted, n_layers)) if layers is not None else None,
+                layers_pattern="layer" if layers is not None else None,
+            )
+            self.encoder = get_peft_model(base, lora)
+            fusion_in += base.config.hidden_size
+        self.struct_tower = None
+        if config.uses_structured:
+            self.struct_tower = nn.Sequential(
+                nn.Linear(n_struct, STRUCT_DIM), nn.GELU(), nn.Linear(STRUCT_DIM, STRUCT_DIM), nn.GELU())
+            fusion_in += STRUCT_DIM
+        self.fusion = nn.Sequential(nn.Linear(fusion_in, FUSION_DIM), nn.GELU(), nn.Dropout(0.1))
+        self.heads = nn.Linear(FUSION_DIM, len(OUTCOMES))
+
+    # --- the encoder, in two halves ---------------------------------------------------------
+    @property
+    def base_encoder(self) -> nn.Module:
+        return self.encoder.get_base_model()
+
+    @property
+    def can_split(self) -> bool:
+        return self.encoder is not None and _transformer_layers(self.base_encoder) is not None
+
+    def _precision(self):
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if self.config.bf16
+                else contextlib.nullcontext())
+
+    @torch.no_grad()
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings and the frozen layers below the first adapter: [B, T, H], no gradient."""
+        bert = self.base_encoder
+        with self._precision():
+            # Explicit [B, T] position/type ids: HF's broadcast [1, T] buffers break per-example grads.
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            hidden = bert.embeddings(input_ids=input_ids, position_ids=positions,
+                                     token_type_ids=torch.zeros_like(input_ids))
+            mask = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,
+                                             attention_mask=attention_mask)
+            for layer in _transformer_layers(bert)[: self.first_adapted]:
+                hidden = layer(hidden, mask)
+        return hidden
+
+    def upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The adapted layers on the frozen layers' output, mean-pooled over real tokens: [B, H]."""
+        bert = self.base_encoder
+        hidden = hidden.float()
+        mask = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        for layer in _transformer_layers(bert)[self.first_adapted:]:
+            hidden = layer(hidden, mask)
+        return _mean_pool(hidden, attention_mask)
+
+    def encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "hidden" in batch:
+            return self.upper(batch["hidden"], batch["attention_mask"])
+        if self.can_split:
+            return self.upper(self.lower(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return _mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+    # --- the whole model ----------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, 3], one per outcome in `OUTCOMES` order."""
+        parts = []
+        if self.encoder is not None:
+            parts.append(self.encode_text(batch))
+        if self.struct_tower is not None:
+            parts.append(self.struct_tower(batch["struct"]))
+        return self.heads(self.fusion(torch.cat(parts, dim=1)))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What leaves a site: LoRA adapters, structured tower, fusion and heads. Never the encoder."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise EdfedError(f"trainable state does not match the model (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for name, value in state.items():
+                if params[name].shape != value.shape:
+                    raise EdfedError(f"{name}: shape {tuple(value.shape)} != model's {tuple(params[name].shape)}")
+                params[name].copy_(value)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over outcomes, skipping empty (NaN) labels: [B]."""
+    known = ~torch.isnan(labels)
+    bce = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(labels), reduction="none")
+    return (bce * known).sum(dim=1)
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _transformer_layers(encoder: nn.Module) -> nn.ModuleList | None:
+    """The encoder's block list for BERT-style models (BERT, RoBERTa, ELECTRA, ...), else None."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    has_embeddings = hasattr(encoder, "embeddings")
+    return layers if isinstance(layers, nn.ModuleList) and has_embeddings else None

@@ -1,0 +1,95 @@
+"""The one local training step and evaluation, shared by centralized, federated and DP runs.
+
+`train_epoch` is the step a site runs; DP wraps the same model, optimizer and loader with Opacus
+and FedProx passes a proximal term, but neither gets a loop of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from common.data import VisitDataset
+from common.model import OutcomeModel, per_example_loss
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
+                    transient=False)
+
+
+def make_loader(dataset: VisitDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate,
+                      generator=generator)
+
+
+def cache_frozen_layers(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 64,
+                        progress: Progress | None = None) -> bool:
+    """Run the frozen lower encoder layers once per visit and keep their output on the dataset.
+
+    Visits are batched in order of length, so almost no compute goes to padding. Returns False
+    (and caches nothing) when the model has no text branch or an encoder it cannot split.
+    """
+    if not (model.config.cache_frozen and model.can_split) or dataset.token_ids is None:
+        return False
+    order = np.argsort([len(t) for t in dataset.token_ids], kind="stable")
+    hidden: list[torch.Tensor | None] = [None] * len(dataset)
+    task = progress.add_task("caching frozen layers", total=len(dataset), status="") if progress else None
+    dataset.frozen_hidden = None
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = dataset.collate([dataset[i] for i in idx])
+        out = model.lower(batch["input_ids"], batch["attention_mask"])
+        for row, i in enumerate(idx):
+            hidden[i] = out[row, : len(dataset.token_ids[i])].clone()
+        if progress:
+            progress.advance(task, len(idx))
+    dataset.frozen_hidden = hidden
+    return True
+
+
+def train_epoch(model: OutcomeModel, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+                proximal_mu: float = 0.0, global_state: dict[str, torch.Tensor] | None = None,
+                progress: Progress | None = None, description: str = "training") -> dict[str, float]:
+    """One pass over `loader`: mean per-example loss (+ FedProx term), one optimizer step a batch."""
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total_loss, seen, started = 0.0, 0, time.perf_counter()
+    task = progress.add_task(description, total=len(loader), status="") if progress else None
+    for batch in loader:
+        if len(batch["labels"]) == 0:  # Poisson sampling (DP) can draw an empty batch
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        losses = per_example_loss(model(batch), batch["labels"])
+        loss = losses.mean()
+        if proximal_mu > 0 and global_state is not None:
+            loss = loss + proximal_mu / 2 * sum(((p - global_state[n]) ** 2).sum() for n, p in trainable)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(losses.detach().sum())
+        seen += len(losses)
+        if progress:
+            progress.update(task, advance=1, status=f"loss {total_loss / max(seen, 1):.3f}")
+    seconds = time.perf_counter() - started
+    return {"loss": total_loss / max(seen, 1), "examples": seen, "seconds": seconds,
+            "examples_per_second": seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -> np.ndarray:
+    """Predicted probability of each outcome: [n_visits, 3]."""
+    model.eval()
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    return np.concatenate([torch.sigmoid(model(batch)).numpy() for batch in loader])
+
+
+def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay)
