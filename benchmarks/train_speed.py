@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 from common.config import TrainConfig
-from common.data import VisitDataset
+from common.data import VisitDataset, load_cohort
+from common.features import load_tokenizer
 from common.metrics import evaluate
 from common.train import cache_frozen_layers, predict
-from simulations.central import fit_central, load_cohort, load_tokenizer
+from simulations.central import fit_central
 
 SETUPS = {
     "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", bf16=False, cache_frozen=False),

@@ -21,7 +21,8 @@ def _float_or_inf(text: str) -> float:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="folder with site-K.parquet files")
+    p.add_argument("--data", type=Path, default=Path("data/cohort"),
+                   help="folder with site-K.parquet files; the default cohort is generated there if missing")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face encoder directory (default: the packaged all-MiniLM-L6-v2)")
@@ -57,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
+
+    sim = sub.add_parser("simulate", help="a simulated federation of the sites in --data (Flower simulation)")
+    _add_training_flags(sim)
+    sim.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    sim.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
+    sim.add_argument("--epsilon", type=_float_or_inf, default=None,
+                     help="per-site privacy budget (default 8; inf turns DP off)")
+    sim.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
+    sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
+    sim.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
+    sim.add_argument("--ffa-lora", action="store_true", default=None,
+                     help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+    sim.add_argument("--ledger-dir", type=Path, default=None,
+                     help="keep the sites' privacy ledgers here (default: inside the run folder)")
+    sim.add_argument("--local-baselines", action="store_true",
+                     help="also train each site's local-only model as a baseline")
+    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint")
     return parser
 
 
@@ -75,7 +94,16 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "train":
         from simulations.central import run_central
 
+        if not args.data.exists():
+            from simulations.cohort import generate_cohort
+
+            print(f"{args.data} does not exist: generating the default simulated cohort there")
+            generate_cohort(args.data)
         run_central(args)
+    elif args.command == "simulate":
+        from simulations.federated import run_simulate
+
+        run_simulate(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
     lora_layers: int = 2  # adapters in the top N encoder layers; 0 = every layer
+    ffa_lora: bool = False  # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
     # Speed: the frozen layers below the adapters run in bf16 and their output is cached
     bf16: bool = True
     cache_frozen: bool = True

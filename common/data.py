@@ -71,8 +71,8 @@ class VisitDataset(Dataset):
     def __init__(self, table: pd.DataFrame, tokenizer, config) -> None:
         self.visit_ids = table["visit_id"].to_numpy()
         self.sites = table["site"].to_numpy() if "site" in table else np.full(len(table), "site")
-        self.struct = torch.from_numpy(structured_features(table))
-        self.labels = torch.from_numpy(table[list(OUTCOMES)].to_numpy(np.float32))
+        self.struct = torch.from_numpy(structured_features(table).copy())
+        self.labels = torch.from_numpy(table[list(OUTCOMES)].to_numpy(np.float32, copy=True))
         self.token_ids = (tokenize_notes(table, tokenizer, config.note_sections, config.max_tokens)
                           if config.uses_text else None)
         self.fixed_length = config.max_tokens if config.padding == "max_tokens" else None
@@ -104,3 +104,9 @@ class VisitDataset(Dataset):
                 mask[row, :n] = 1
             batch[key], batch["attention_mask"] = padded, mask
         return batch
+
+
+def load_cohort(data_dir: Path, seed: int) -> pd.DataFrame:
+    """Every site's validated visits with `site` and `split` columns (validation before any output)."""
+    sites = site_files(data_dir)
+    return pd.concat([load_site_splits(name, path, seed).table for name, path in sites.items()], ignore_index=True)

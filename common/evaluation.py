@@ -71,3 +71,26 @@ def print_metrics(final: dict, title: str, console: Console | None = None) -> No
         table.add_row(name, f"{m['auroc']:.3f} ({lo:.3f}-{hi:.3f})", f"{m.get('oracle_auroc', float('nan')):.3f}",
                       f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}", str(m["n"]), str(m["events"]))
     (console or Console()).print(table)
+
+
+class PooledEvaluation:
+    """Scores models on every site's held-out visits pooled; only where one machine holds all sites."""
+
+    def __init__(self, data_dir: Path, config) -> None:
+        from common.data import load_cohort
+        from common.features import load_tokenizer
+
+        self.data_dir, self.config = data_dir, config
+        self.cohort = load_cohort(data_dir, config.seed)
+        self.tokenizer = load_tokenizer(config)
+        self._val: VisitDataset | None = None
+
+    def validation(self, model: OutcomeModel) -> dict:
+        if self._val is None:
+            self._val = VisitDataset(self.cohort[self.cohort["split"] == "val"], self.tokenizer, self.config)
+            cache_frozen_layers(model, self._val)
+        return evaluate(self._val.labels.numpy(), predict(model, self._val), bootstrap=0)
+
+    def test(self, model: OutcomeModel, out_dir: Path, title: str) -> tuple[dict, dict]:
+        return evaluate_on_test(model, self.cohort[self.cohort["split"] == "test"], self.tokenizer, self.data_dir,
+                                out_dir, title)

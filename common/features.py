@@ -13,6 +13,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from common.errors import EdfedError
+
 # column -> (transform, reference centre, scale), all on the transformed scale.
 _NUMERIC_TRANSFORMS: dict[str, tuple[str, float, float]] = {
     "age": ("id", 60.0, 20.0),
@@ -106,3 +108,15 @@ def tokenize_notes(df: pd.DataFrame, tokenizer, sections: tuple[str, ...], max_t
                 break
         sequences.append([cls, *ids[:budget], sep])
     return sequences
+
+
+def load_tokenizer(config):
+    """The encoder directory's own tokenizer, or None for a structured-only model."""
+    if not config.uses_text:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(config.encoder_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EdfedError(f"--model {config.encoder_dir}: cannot load its tokenizer ({exc})") from exc

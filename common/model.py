@@ -13,18 +13,23 @@ so its output can be computed once per visit and reused across epochs and rounds
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as hf_logging
 
 from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.errors import EdfedError
 
 STRUCT_DIM, FUSION_DIM = 64, 128
+# Keep transformers' per-load progress bars and a deprecation notice it raises itself out of our output.
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load_frozen_encoder(encoder_dir) -> nn.Module:
@@ -64,7 +69,15 @@ class OutcomeModel(nn.Module):
                 layers_pattern="layer" if layers is not None else None,
             )
             self.encoder = get_peft_model(base, lora)
-            fusion_in += base.config.hidden_size
+            # Normalise and project the pooled text to the structured branch's width, so neither
+            # branch dominates the fusion layer by sheer number of inputs.
+            self.text_proj = nn.Sequential(nn.LayerNorm(base.config.hidden_size),
+                                           nn.Linear(base.config.hidden_size, STRUCT_DIM), nn.GELU())
+            if config.ffa_lora:  # every site seeds A identically, so only B needs averaging (exactly)
+                for name, param in self.encoder.named_parameters():
+                    if "lora_A" in name:
+                        param.requires_grad_(False)
+            fusion_in += STRUCT_DIM
         self.struct_tower = None
         if config.uses_structured:
             self.struct_tower = nn.Sequential(
@@ -124,7 +137,7 @@ class OutcomeModel(nn.Module):
         """Logits [B, 3], one per outcome in `OUTCOMES` order."""
         parts = []
         if self.encoder is not None:
-            parts.append(self.encode_text(batch))
+            parts.append(self.text_proj(self.encode_text(batch)))
         if self.struct_tower is not None:
             parts.append(self.struct_tower(batch["struct"]))
         return self.heads(self.fusion(torch.cat(parts, dim=1)))

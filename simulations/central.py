@@ -17,10 +17,10 @@ import torch
 from rich.console import Console
 
 from common.config import TrainConfig
-from common.data import VisitDataset, load_site_splits, site_files
+from common.data import VisitDataset, load_cohort
 from common.errors import EdfedError
-from common.features import structured_feature_names
 from common.evaluation import evaluate_on_test, print_metrics, write_summary
+from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, progress_bar, train_epoch
@@ -36,23 +36,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "no_cache", False):
         overrides["cache_frozen"] = False
     return TrainConfig(**overrides)
-
-
-def load_tokenizer(config: TrainConfig):
-    if not config.uses_text:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(config.encoder_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise EdfedError(f"--model {config.encoder_dir}: cannot load its tokenizer ({exc})") from exc
-
-
-def load_cohort(data_dir: Path, seed: int) -> pd.DataFrame:
-    """Every site's validated visits with `site` and `split` columns (validation before any output)."""
-    return pd.concat([load_site_splits(name, path, seed).table for name, path in site_files(data_dir).items()],
-                     ignore_index=True)
 
 
 def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,

@@ -99,7 +99,7 @@ def test_training_changes_only_trainable_parts(tiny_encoder):
 def test_only_adapters_tower_fusion_heads_leave(tiny_encoder):
     state = _model(tiny_encoder).trainable_state()
     for name in state:
-        assert "lora_" in name or name.split(".")[0] in {"struct_tower", "fusion", "heads"}, name
+        assert "lora_" in name or name.split(".")[0] in {"text_proj", "struct_tower", "fusion", "heads"}, name
     assert any("lora_" in n for n in state) and any(n.startswith("heads") for n in state)
     assert not any("embeddings" in n or "dense" in n for n in state if "lora_" not in n)
 

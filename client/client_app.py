@@ -1,0 +1,48 @@
+"""The Flower ClientApp: a few lines of wiring around `client.site` (what runs in a hospital).
+
+A train reply holds the site's trainable arrays and a MetricRecord of scalars; an evaluate reply
+only scalars. No string, row or note ever goes into a reply.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import evaluate_site, settings_from_configs, train_round
+from common.config import TrainConfig
+
+app = ClientApp()
+
+
+def _site_and_config(msg: Message, context: Context):
+    message_config = dict(msg.content["config"])
+    settings = settings_from_configs(dict(context.node_config), message_config)
+    config = TrainConfig(**json.loads(message_config["train-config"]))
+    # The encoder is the site's own copy; the fingerprint check in train_round guards the match.
+    config = config.replace(model=settings.model_path) if settings.model_path else config
+    return settings, config, message_config
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings, config, cfg = _site_and_config(msg, context)
+    state, metrics = train_round(
+        settings, config, msg.content["arrays"].to_torch_state_dict(), run_id=str(cfg["run-id"]),
+        server_round=int(cfg["server-round"]) + int(cfg.get("round-offset", 0)), num_rounds=int(cfg["num-rounds"]),
+        local_epochs=int(cfg["local-epochs"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        max_grad_norm=float(cfg["max-grad-norm"]), expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if state is not None:
+        content["arrays"] = ArrayRecord(state)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings, config, cfg = _site_and_config(msg, context)
+    metrics = evaluate_site(settings, config, msg.content["arrays"].to_torch_state_dict(),
+                            split=str(cfg.get("split", "val")))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,108 @@
+"""Example-level DP-SGD at a site: the privacy ledger, the noise plan and the Opacus wrapping.
+
+The site owns its budget (epsilon, delta) and its ledger file. The ledger keeps the RDP
+accountant's history across rounds and runs (Flower rebuilds the ClientApp every round, and a
+hospital's budget outlives a run), so epsilon only ever accumulates. The noise multiplier is
+planned once per run, for the whole run, from what the budget has left; before every round
+the site projects its epsilon after that round and refuses the round if it would pass the budget.
+
+One visit is the privacy unit: a patient with k visits is protected at about k * epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import RDPAccountant
+
+from common.errors import EdfedError
+
+MAX_NOISE = 50.0
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon (RDP accountant, Opacus) of a list of (noise multiplier, sample rate, steps)."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    """A site's record of every DP-SGD step it ever took, stored as JSON at `path`."""
+
+    path: Path
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    plans: dict[str, float] = field(default_factory=dict)  # run id -> planned noise multiplier
+
+    @classmethod
+    def open(cls, path: Path) -> PrivacyLedger:
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            state = json.loads(path.read_text())
+            return cls(path, [tuple(h) for h in state["history"]], dict(state.get("plans", {})))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdfedError(f"privacy ledger {path} is unreadable ({exc}); refusing to train without it") from exc
+
+    def spent(self, delta: float) -> float:
+        return epsilon_of(self.history, delta)
+
+    def projected(self, noise: float, sample_rate: float, steps: int, delta: float) -> float:
+        """Epsilon after `steps` more steps at this noise and sample rate."""
+        return epsilon_of([*self.history, (noise, sample_rate, steps)], delta)
+
+    def plan_noise(self, run_id: str, budget: float, delta: float, sample_rate: float, total_steps: int) -> float:
+        """The run's noise multiplier: the smallest that fits all of the run's steps in the budget left.
+
+        Planned once per run and kept in the ledger, so every round of a run uses the same noise.
+        Returns `inf` when not even `MAX_NOISE` fits.
+        """
+        if run_id in self.plans:
+            return self.plans[run_id]
+        if self.projected(MAX_NOISE, sample_rate, total_steps, delta) > budget:
+            noise = math.inf
+        else:
+            low, high = 0.1, MAX_NOISE
+            for _ in range(40):  # bisection on a monotone function
+                mid = (low + high) / 2
+                low, high = (mid, high) if self.projected(mid, sample_rate, total_steps, delta) > budget else (low, mid)
+            noise = high
+        self.plans[run_id] = noise
+        return noise
+
+    def record(self, noise: float, sample_rate: float, steps: int) -> None:
+        if steps:
+            self.history.append((float(noise), float(sample_rate), int(steps)))
+
+    def save(self) -> None:
+        """Atomic write: a crash mid-save never leaves a ledger that forgets spent budget."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"history": self.history, "plans": self.plans}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, seed: int):
+    """Wrap the same model, optimizer and loader for DP-SGD (Poisson sampling, per-example clipping).
+
+    Returns (optimizer, loader, accountant). The model stays unwrapped (hooks only), so the
+    trainable state keeps its names. The accountant starts empty: the ledger holds the past.
+    """
+    import torch
+    from opacus import PrivacyEngine
+
+    model.train()  # Opacus' hooks see nothing in eval mode
+    engine = PrivacyEngine(accountant="rdp")
+    _, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+        noise_generator=torch.Generator().manual_seed(seed))
+    return optimizer, loader, engine.accountant

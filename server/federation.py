@@ -1,0 +1,277 @@
+"""What the coordinator runs: the strategy, update checks, checkpoints, resume and the run's summary.
+
+The server never sees a row of data in deployment. In simulation (all sites' files on one
+machine) it also scores the global model on the pooled held-out splits, exactly as central
+training does, so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from safetensors.torch import load_file, save_file
+
+from common.config import TrainConfig
+from common.errors import EdfedError
+from common.evaluation import PooledEvaluation, write_summary
+from common.exchange import encoder_fingerprint, state_bytes, update_problem
+from common.features import structured_feature_names
+from common.model import OutcomeModel
+
+# Mirrored in pyproject's [tool.flwr.app.config] (a test keeps the two equal); every key can be
+# overridden with `flwr run . --run-config 'key=value'` or the matching `edfed simulate` flag.
+DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "strategy": "fedavg",
+    "proximal-mu": 0.01,
+    "server-lr": 0.01,
+    "ffa-lora": False,
+    "epsilon": 8.0,
+    "delta": 1e-5,
+    "max-grad-norm": 1.0,
+    "min-sites": 2,
+    "round-timeout": 1800,
+    "data-dir": "data/cohort",
+    "run-dir": "",
+    "ledger-dir": "",
+    "resume": False,
+    "model": "",
+    "modality": "multimodal",
+    "max-tokens": 128,
+    "lora-layers": 2,
+    "lora-r": 8,
+    "lr": 0.001,
+    "batch-size": 32,
+    "seed": 0,
+}
+_TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
+               "lora-r": "lora_r", "lr": "lr", "batch-size": "batch_size", "seed": "seed", "ffa-lora": "ffa_lora"}
+
+
+def train_config_from(run_config: dict) -> TrainConfig:
+    return TrainConfig(**{field: run_config[key] for key, field in _TRAIN_KEYS.items() if key in run_config})
+
+
+class CheckedAggregation:
+    """Strategy mixin: only well-formed, finite updates of the expected shapes are aggregated.
+
+    A refused round (budget), a failed site or a bad update is logged with the site that sent it
+    and left out; the others are aggregated as long as at least `min_sites` remain.
+    """
+
+    def setup_checks(self, expected: dict[str, tuple[int, ...]], min_sites: int) -> None:
+        self.expected, self.min_sites = expected, min_sites
+        self.reports: dict[int, dict[str, dict]] = {}
+        self.rejected: list[dict] = []
+        self.reply_bytes: list[int] = []
+
+    def aggregate_train(self, server_round, replies):
+        accepted = []
+        reports = self.reports.setdefault(server_round, {})
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "round %d: node %s failed: %s", server_round, node, msg.error.reason[:300])
+                self.rejected.append({"round": server_round, "node": node, "why": "failed"})
+                continue
+            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
+            site = f"site-{int(metrics['site-id'])}" if "site-id" in metrics else f"node-{node}"
+            reports[site] = metrics
+            if "arrays" not in msg.content:
+                why = "refused the round: privacy budget" if metrics.get("refused") else "sent no update"
+                log(WARNING, "round %d: %s %s", server_round, site, why)
+                self.rejected.append({"round": server_round, "site": site, "why": why})
+                continue
+            arrays = {k: v.numpy() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+            problem = update_problem(arrays, self.expected)
+            if problem:
+                log(WARNING, "round %d: rejected the update from %s (node %s): %s", server_round, site, node, problem)
+                self.rejected.append({"round": server_round, "site": site, "why": problem})
+                continue
+            self.reply_bytes.append(state_bytes(arrays))
+            accepted.append(msg)
+        if len(accepted) < self.min_sites:
+            log(WARNING, "round %d: %d usable updates, fewer than min-sites=%d; keeping the previous global model",
+                server_round, len(accepted), self.min_sites)
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+
+class CheckedFedAvg(CheckedAggregation, FedAvg):
+    pass
+
+
+class CheckedFedProx(CheckedAggregation, FedProx):
+    pass
+
+
+class CheckedFedAdam(CheckedAggregation, FedAdam):
+    pass
+
+
+def make_strategy(run_config: dict, expected: dict[str, tuple[int, ...]], n_sites: int) -> CheckedAggregation:
+    name = str(run_config["strategy"]).lower()
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites, min_evaluate_nodes=n_sites,
+                  min_available_nodes=n_sites)
+    if name == "fedavg":
+        strategy = CheckedFedAvg(**common)
+    elif name == "fedprox":
+        strategy = CheckedFedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
+    elif name == "fedadam":
+        strategy = CheckedFedAdam(**common, eta=float(run_config["server-lr"]), eta_l=float(run_config["lr"]))
+    else:
+        raise EdfedError(f"strategy must be fedavg, fedprox or fedadam, got {name!r}")
+    strategy.setup_checks(expected, int(run_config["min-sites"]))
+    return strategy
+
+
+class RunFolder:
+    """RUN_DIR: run.json (id + config), checkpoints/round-K.safetensors, adapter/ (PEFT), summary.json."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = path / "checkpoints"
+
+    def start(self, run_config: dict) -> dict:
+        meta_path = self.path / "run.json"
+        if run_config.get("resume"):
+            if not meta_path.exists():
+                raise EdfedError(f"--resume {self.path}: no run.json there, nothing to resume")
+            meta = json.loads(meta_path.read_text())
+            meta["resumed"] = meta.get("resumed", 0) + 1
+        else:
+            if (self.path / "summary.json").exists() or self.checkpoints.exists():
+                raise EdfedError(f"{self.path} already holds a run; use --resume {self.path} or another --out")
+            meta = {"run-id": uuid.uuid4().hex[:12], "config": run_config, "started": datetime.now().isoformat()}
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=1))
+        return meta
+
+    def last_round(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+        rounds = sorted(int(p.stem.split("-")[1]) for p in self.checkpoints.glob("round-*.safetensors"))
+        if not rounds:
+            return 0, None
+        return rounds[-1], load_file(self.checkpoints / f"round-{rounds[-1]}.safetensors")
+
+    def save_round(self, server_round: int, model: OutcomeModel, state: dict[str, torch.Tensor]) -> None:
+        """The round's global state (for resume) and, as the latest, a plain PEFT adapter folder."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoints / f".round-{server_round}.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        tmp.replace(self.checkpoints / f"round-{server_round}.safetensors")
+        model.load_trainable_state(state)
+        if model.encoder is not None:
+            model.encoder.save_pretrained(self.path / "adapter")
+        heads = {k: v.contiguous() for k, v in state.items() if "lora_" not in k}
+        (self.path / "adapter").mkdir(exist_ok=True)
+        save_file(heads, self.path / "adapter" / "edfed_heads.safetensors")
+
+
+def run_federation(grid: Grid, run_config: dict, pooled: bool = False) -> dict:
+    """Run (or resume) a federation to the end and return its summary (also written to RUN_DIR).
+
+    `pooled`: the server can read every site's file (simulation), so it scores the global model on
+    the pooled validation split after every round and on the pooled test split at the end.
+    """
+    started = time.perf_counter()
+    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    folder = RunFolder(Path(str(run_config["run-dir"]) or f"runs/federated-{datetime.now():%Y%m%d-%H%M%S}"))
+    meta = folder.start(run_config)
+    if run_config.get("resume"):
+        run_config = {**meta["config"], "resume": True}
+    config = train_config_from(run_config)
+    torch.manual_seed(config.seed)
+    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    done, state = folder.last_round()
+    state = state or model.trainable_state()
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
+    n_sites = int(run_config.get("num-sites", 6))
+    strategy = make_strategy(run_config, expected, n_sites)
+    total_rounds = int(run_config["num-server-rounds"])
+    fingerprint = encoder_fingerprint(config.encoder_dir) if config.uses_text else ""
+    train_config = ConfigRecord({
+        "train-config": json.dumps({k: v for k, v in config.to_dict().items() if k != "extra"}),
+        "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
+        "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
+        "encoder-fingerprint": fingerprint, "site-epsilon": float(run_config["epsilon"]),
+        "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
+        "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),
+    })
+    rounds: dict[int, dict] = {}
+    evaluation = PooledEvaluation(Path(str(run_config["data-dir"])), config) if pooled else None
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        real_round = server_round + done
+        round_state = arrays.to_torch_state_dict()
+        if server_round > 0 or done == 0:
+            folder.save_round(real_round, model, round_state)
+        if evaluation is None:
+            return None
+        model.load_trainable_state(round_state)
+        metrics = evaluation.validation(model)
+        rounds[real_round] = {o: m["auroc"] for o, m in metrics.items()}
+        log(INFO, "round %d: pooled validation AUROC %s", real_round,
+            {k: round(v, 3) for k, v in rounds[real_round].items()})
+        return MetricRecord({f"{o}-auroc": v for o, v in rounds[real_round].items()})
+
+    if done < total_rounds:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total_rounds - done,
+                                timeout=float(run_config["round-timeout"]), train_config=train_config,
+                                evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
+        final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else state
+    else:
+        final_state = state
+    model.load_trainable_state(final_state)
+    summary = build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds)
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_summary(folder.path, summary)
+    return summary
+
+
+def build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds) -> dict:
+    reports = strategy.reports
+    last_report = {}
+    for server_round in sorted(reports):
+        for site, metrics in reports[server_round].items():
+            last_report[site] = metrics
+    privacy = {}
+    for site, m in sorted(last_report.items()):
+        privacy[site] = {"epsilon": m.get("epsilon", math.inf), "delta": m.get("delta", float(run_config["delta"])),
+                         "noise_multiplier": m.get("noise-multiplier", 0.0), "sample_rate": m.get("sample-rate"),
+                         "steps": int(sum(r.get(site, {}).get("steps", 0) for r in reports.values())),
+                         "budget": m.get("epsilon-budget", math.inf), "refused_rounds": int(sum(
+                             r.get(site, {}).get("refused", 0) for r in reports.values()))}
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sent = strategy.reply_bytes
+    summary = {
+        "kind": "federated",
+        "run_id": meta["run-id"],
+        "config": {**run_config, "train": train_config_from(run_config).to_dict()},
+        "final": {}, "per_site": {},
+        "privacy": privacy,
+        "communication": {"bytes_sent_per_client_round": int(np.mean(sent)) if sent else 0,
+                          "full_model_bytes": int(full_bytes),
+                          "share_of_full_model": (float(np.mean(sent)) / full_bytes) if sent else 0.0},
+        "rounds": {str(k): v for k, v in sorted(rounds.items())},
+        "site_reports": {str(k): v for k, v in sorted(reports.items())},
+        "rejected_updates": strategy.rejected,
+        "client_train_seconds": float(sum(m.get("train-seconds", 0.0) for r in reports.values() for m in r.values())),
+        "num_rounds": total_rounds,
+    }
+    if evaluation is not None:
+        title = f"federated ({run_config['strategy']}, epsilon {run_config['epsilon']})"
+        summary["final"], summary["per_site"] = evaluation.test(model, folder.path, title)
+    return summary

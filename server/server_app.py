@@ -1,0 +1,22 @@
+"""The Flower ServerApp: wiring around `server.federation.run_federation`.
+
+`flwr run .` reads pyproject's [tool.flwr.app.config]; the server scores the global model on the
+pooled held-out data only when it can read the sites' files, i.e. in simulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    run_federation(grid, run_config, pooled=Path(str(run_config.get("data-dir", ""))).is_dir())

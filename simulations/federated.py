@@ -1,0 +1,151 @@
+"""`edfed simulate`: the six sites as virtual SuperNodes in Flower's simulation engine, on one machine.
+
+The ServerApp and ClientApp are the deployed ones; only the transport differs. After the
+federation, each site's local-only model (same code, its own data alone) is trained as a baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from common.contract import OUTCOMES
+from common.data import load_cohort, site_files
+from common.errors import EdfedError
+from common.evaluation import evaluate_on_test, write_summary
+from common.features import load_tokenizer
+from server.federation import DEFAULT_RUN_CONFIG, train_config_from
+
+_FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
+              "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
+              "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
+              "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr"}
+
+
+def run_config_from_args(args: argparse.Namespace) -> dict:
+    run_config = dict(DEFAULT_RUN_CONFIG)
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            run_config[key] = str(value) if isinstance(value, Path) else value
+    if args.model is not None:
+        run_config["model"] = str(args.model.resolve())
+    return run_config
+
+
+def simulate(run_config: dict, n_sites: int, quiet: bool = False) -> dict:
+    """Run one federation through Flower's simulation engine and return its summary."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.federation import run_federation
+
+    outcome: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["summary"] = run_federation(grid, {**run_config, "num-sites": n_sites}, pooled=True)
+        except Exception as exc:  # re-raised below, outside Flower's thread
+            outcome["error"] = exc
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # One CPU per virtual site: on 2 cores, two sites train at a time, each on one thread.
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
+                                                 "logging_level": "error", "log_to_driver": not quiet}},
+                   verbose_logging=False)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise EdfedError("the simulation ended without a result; see the log above")
+    return outcome["summary"]
+
+
+def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
+    """Each site's model trained on its own data alone (same code and epochs), on its own test split."""
+    from simulations.central import fit_central
+
+    config = train_config_from(run_config).replace(
+        epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
+    cohort = load_cohort(data_dir, config.seed)
+    tokenizer = load_tokenizer(config)
+    results = {}
+    for site, rows in cohort.groupby("site", sort=False):
+        model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"], tokenizer,
+                               show_progress=False)
+        final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir,
+                                    out_dir / "local-only" / site, f"local-only, {site}")
+        results[site] = final
+    return results
+
+
+def run_simulate(args: argparse.Namespace) -> dict:
+    console = Console()
+    started = time.perf_counter()
+    if args.resume:
+        meta = json.loads((args.resume / "run.json").read_text()) if (args.resume / "run.json").exists() else None
+        if meta is None:
+            raise EdfedError(f"--resume {args.resume}: no run.json there, nothing to resume")
+        run_config = {**meta["config"], "resume": True, "run-dir": str(args.resume.resolve())}
+        data_dir = Path(str(run_config["data-dir"]))
+    else:
+        data_dir = args.data
+        if not data_dir.exists():
+            from simulations.cohort import generate_cohort
+
+            console.print(f"{data_dir} does not exist: generating the default simulated cohort there")
+            generate_cohort(data_dir, seed=args.seed or 0)
+        run_config = run_config_from_args(args)
+        out = args.out or Path("runs") / f"federated-{datetime.now():%Y%m%d-%H%M%S}"
+        run_config.update({"data-dir": str(data_dir.resolve()), "run-dir": str(out.resolve())})
+    load_cohort(data_dir, int(run_config["seed"]))  # every site passes the contract before anything runs
+    n_sites = len(site_files(data_dir))
+    epsilon = float(run_config["epsilon"])
+    console.print(f"simulating {n_sites} sites, {run_config['num-server-rounds']} rounds of "
+                  f"{run_config['strategy']}, per-site epsilon {'off' if math.isinf(epsilon) else epsilon}")
+    summary = simulate(run_config, n_sites)
+    run_dir = Path(str(run_config["run-dir"]))
+    if getattr(args, "local_baselines", False):
+        summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
+    summary["wall_seconds_total"] = time.perf_counter() - started
+    summary["federation_overhead"] = summary["wall_seconds"] / max(summary["client_train_seconds"], 1e-9)
+    write_summary(run_dir, summary)
+    print_federated(summary, console)
+    console.print(f"wrote {run_dir / 'summary.json'} ({summary['wall_seconds_total']:.0f} s)")
+    return summary
+
+
+def print_federated(summary: dict, console: Console) -> None:
+    table = Table(title="federated model, held-out test (pooled)")
+    for col in ("outcome", "AUROC", "oracle AUROC", "AUPRC", "Brier", "ECE"):
+        table.add_column(col)
+    for outcome in OUTCOMES:
+        m = summary["final"].get(outcome)
+        if m:
+            table.add_row(outcome, f"{m['auroc']:.3f}", f"{m.get('oracle_auroc', float('nan')):.3f}",
+                          f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}")
+    console.print(table)
+    privacy = Table(title="per-site privacy (example-level, RDP accountant)")
+    for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "refused rounds"):
+        privacy.add_column(col)
+    for site, p in summary["privacy"].items():
+        privacy.add_row(site, f"{p['epsilon']:.3f}", f"{p['budget']}", f"{p['delta']:g}",
+                        f"{p['noise_multiplier']:.3f}", f"{(p['sample_rate'] or 0):.4f}", str(p["steps"]),
+                        str(p["refused_rounds"]))
+    console.print(privacy)
+    comm = summary["communication"]
+    console.print(f"sent per site per round: {comm['bytes_sent_per_client_round']:,} bytes "
+                  f"({100 * comm['share_of_full_model']:.2f}% of the full model's {comm['full_model_bytes']:,})")
