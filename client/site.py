@@ -138,6 +138,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
                 run_id: str, server_round: int, num_rounds: int, local_epochs: int, proximal_mu: float = 0.0,
                 max_grad_norm: float = 1.0, expected_fingerprint: str = "") -> tuple[dict | None, dict]:
     """One round at the site: (new trainable state or None if the round is refused, scalar metrics)."""
+    round_started = time.perf_counter()
     check_encoder(config, expected_fingerprint)
     model = build_model(config, global_state)
     data = site_datasets(settings, config, model)["train"]
@@ -165,6 +166,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     state = model.trainable_state()
     metrics.update({"num-examples": len(data), "train-loss": float(np.mean(losses)),
                     "train-seconds": time.perf_counter() - started,
+                    "round-seconds": time.perf_counter() - round_started,  # incl. data, model, cache
                     # opacus#820: LoRA weights that silently never change; the server can see it here
                     "adapters-changed": float(any(not torch.equal(state[n], t) for n, t in before.items()))})
     if dp:

@@ -27,13 +27,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face encoder directory (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--modality", choices=["multimodal", "text", "structured"], default="multimodal")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: config)")
     p.add_argument("--max-tokens", type=int, default=None, help="note token budget per visit")
     p.add_argument("--lora-layers", type=int, default=None,
                    help="LoRA in the top N encoder layers (0 = every layer)")
-    p.add_argument("--no-bf16", action="store_true", help="run the frozen encoder in fp32")
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the frozen lower layers every step instead of caching them")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -58,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
+    central.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
+    central.add_argument("--no-bf16", action="store_true", help="run the frozen encoder layers in fp32")
+    central.add_argument("--no-cache", action="store_true",
+                         help="recompute the frozen lower layers every step instead of caching them")
 
     sim = sub.add_parser("simulate", help="a simulated federation of the sites in --data (Flower simulation)")
     _add_training_flags(sim)
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the sites' privacy ledgers here (default: inside the run folder)")
     sim.add_argument("--local-baselines", action="store_true",
                      help="also train each site's local-only model as a baseline")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
     return parser

@@ -85,6 +85,11 @@ class OutcomeModel(nn.Module):
             fusion_in += STRUCT_DIM
         self.fusion = nn.Sequential(nn.Linear(fusion_in, FUSION_DIM), nn.GELU(), nn.Dropout(0.1))
         self.heads = nn.Linear(FUSION_DIM, len(OUTCOMES))
+        # Multimodal only: each branch also predicts alone, with its own loss, so the fused model cannot
+        # lean on the faster-learning branch and leave the other one weak.
+        self.aux_heads = None
+        if config.modality == "multimodal" and config.aux_weight > 0:
+            self.aux_heads = nn.ModuleList([nn.Linear(STRUCT_DIM, len(OUTCOMES)) for _ in range(2)])
 
     # --- the encoder, in two halves ---------------------------------------------------------
     @property
@@ -133,14 +138,35 @@ class OutcomeModel(nn.Module):
         return _mean_pool(out.last_hidden_state, batch["attention_mask"])
 
     # --- the whole model ----------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits [B, 3], one per outcome in `OUTCOMES` order."""
+    def _branches(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         parts = []
         if self.encoder is not None:
             parts.append(self.text_proj(self.encode_text(batch)))
         if self.struct_tower is not None:
             parts.append(self.struct_tower(batch["struct"]))
-        return self.heads(self.fusion(torch.cat(parts, dim=1)))
+        return parts
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        parts = self._branches(batch)
+        fused = self.heads(self.fusion(torch.cat(parts, dim=1)))
+        if self.aux_heads is None:
+            return fused, []
+        # Each branch's own logits also enter the prediction (a learned stack of the two unimodal
+        # predictors plus the fusion layer's interactions on top).
+        branch_logits = [head(part) for head, part in zip(self.aux_heads, parts, strict=True)]
+        return fused + sum(branch_logits), branch_logits
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, 3], one per outcome in `OUTCOMES` order."""
+        return self._logits(batch)[0]
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example training loss [B]: the prediction's, plus each branch's own (auxiliary) loss."""
+        logits, branch_logits = self._logits(batch)
+        loss = per_example_loss(logits, batch["labels"])
+        for branch in branch_logits:
+            loss = loss + self.config.aux_weight * per_example_loss(branch, batch["labels"])
+        return loss
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What leaves a site: LoRA adapters, structured tower, fusion and heads. Never the encoder."""

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from common.data import VisitDataset
-from common.model import OutcomeModel, per_example_loss
+from common.model import OutcomeModel
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -58,21 +58,28 @@ def cache_frozen_layers(model: OutcomeModel, dataset: VisitDataset, batch_size: 
 def train_epoch(model: OutcomeModel, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                 proximal_mu: float = 0.0, global_state: dict[str, torch.Tensor] | None = None,
                 progress: Progress | None = None, description: str = "training") -> dict[str, float]:
-    """One pass over `loader`: mean per-example loss (+ FedProx term), one optimizer step a batch."""
+    """One pass over `loader`: mean per-example loss, one optimizer step a batch.
+
+    FedProx's proximal term mu/2 * ||w - w_global||^2 is applied as its own decoupled step after each
+    optimizer step (like decoupled weight decay, towards the global model). It uses no data, so it
+    works the same with and without DP (Opacus would otherwise overwrite its gradient).
+    """
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lr = optimizer.param_groups[0]["lr"]
     total_loss, seen, started = 0.0, 0, time.perf_counter()
     task = progress.add_task(description, total=len(loader), status="") if progress else None
     for batch in loader:
         if len(batch["labels"]) == 0:  # Poisson sampling (DP) can draw an empty batch
             continue
         optimizer.zero_grad(set_to_none=True)
-        losses = per_example_loss(model(batch), batch["labels"])
-        loss = losses.mean()
-        if proximal_mu > 0 and global_state is not None:
-            loss = loss + proximal_mu / 2 * sum(((p - global_state[n]) ** 2).sum() for n, p in trainable)
-        loss.backward()
+        losses = model.training_loss(batch)
+        losses.mean().backward()
         optimizer.step()
+        if proximal_mu > 0 and global_state is not None:
+            with torch.no_grad():
+                for name, param in trainable:
+                    param.sub_(lr * proximal_mu * (param - global_state[name]))
         total_loss += float(losses.detach().sum())
         seen += len(losses)
         if progress:

@@ -180,11 +180,12 @@ class RunFolder:
         save_file(heads, self.path / "adapter" / "edfed_heads.safetensors")
 
 
-def run_federation(grid: Grid, run_config: dict, pooled: bool = False) -> dict:
+def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=None) -> dict:
     """Run (or resume) a federation to the end and return its summary (also written to RUN_DIR).
 
     `pooled`: the server can read every site's file (simulation), so it scores the global model on
     the pooled validation split after every round and on the pooled test split at the end.
+    `on_round(round, total, aurocs)` is called after every round (progress display).
     """
     started = time.perf_counter()
     run_config = {**DEFAULT_RUN_CONFIG, **run_config}
@@ -219,12 +220,16 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False) -> dict:
         if server_round > 0 or done == 0:
             folder.save_round(real_round, model, round_state)
         if evaluation is None:
+            if on_round:
+                on_round(real_round, total_rounds, {})
             return None
         model.load_trainable_state(round_state)
         metrics = evaluation.validation(model)
         rounds[real_round] = {o: m["auroc"] for o, m in metrics.items()}
         log(INFO, "round %d: pooled validation AUROC %s", real_round,
             {k: round(v, 3) for k, v in rounds[real_round].items()})
+        if on_round:
+            on_round(real_round, total_rounds, rounds[real_round])
         return MetricRecord({f"{o}-auroc": v for o, v in rounds[real_round].items()})
 
     if done < total_rounds:
@@ -268,7 +273,8 @@ def build_summary(run_config, meta, folder, model, strategy, rounds, evaluation,
         "rounds": {str(k): v for k, v in sorted(rounds.items())},
         "site_reports": {str(k): v for k, v in sorted(reports.items())},
         "rejected_updates": strategy.rejected,
-        "client_train_seconds": float(sum(m.get("train-seconds", 0.0) for r in reports.values() for m in r.values())),
+        "client_train_seconds": float(sum(m.get("round-seconds", 0.0) for r in reports.values() for m in r.values())),
+        "client_step_seconds": float(sum(m.get("train-seconds", 0.0) for r in reports.values() for m in r.values())),
         "num_rounds": total_rounds,
     }
     if evaluation is not None:

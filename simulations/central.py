@@ -28,7 +28,8 @@ from common.train import cache_frozen_layers, make_loader, make_optimizer, predi
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {"modality": args.modality, "seed": args.seed, "model": str(args.model or "")}
-    for flag, key in (("epochs", "epochs"), ("max_tokens", "max_tokens"), ("lora_layers", "lora_layers")):
+    for flag, key in (("epochs", "epochs"), ("max_tokens", "max_tokens"), ("lora_layers", "lora_layers"),
+                      ("lr", "lr"), ("batch_size", "batch_size")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     if getattr(args, "no_bf16", False):

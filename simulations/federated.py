@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from common.data import load_cohort, site_files
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, write_summary
 from common.features import load_tokenizer
+from common.train import progress_bar
 from server.federation import DEFAULT_RUN_CONFIG, train_config_from
 
 _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
@@ -41,7 +43,7 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
     return run_config
 
 
-def simulate(run_config: dict, n_sites: int, quiet: bool = False) -> dict:
+def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool = False) -> dict:
     """Run one federation through Flower's simulation engine and return its summary."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -52,21 +54,31 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False) -> dict:
 
     outcome: dict = {}
     server_app = ServerApp()
+    progress = progress_bar(not quiet)
+    task = progress.add_task("federated rounds", total=int(run_config["num-server-rounds"]), status="")
+
+    def on_round(server_round: int, total: int, aurocs: dict) -> None:
+        status = " ".join(f"{o.split('_')[0]} {v:.3f}" for o, v in aurocs.items())
+        progress.update(task, completed=server_round, total=total, status=f"val AUROC {status}" if status else "")
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            outcome["summary"] = run_federation(grid, {**run_config, "num-sites": n_sites}, pooled=True)
+            outcome["summary"] = run_federation(grid, {**run_config, "num-sites": n_sites}, pooled=True,
+                                                on_round=on_round)
         except Exception as exc:  # re-raised below, outside Flower's thread
             outcome["error"] = exc
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Flower logs every record at INFO; keep its warnings (failed or rejected sites) and our progress bar.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     # One CPU per virtual site: on 2 cores, two sites train at a time, each on one thread.
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
-                                                 "logging_level": "error", "log_to_driver": not quiet}},
-                   verbose_logging=False)
+    with progress:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
+                                                     "logging_level": "error", "log_to_driver": verbose}},
+                       verbose_logging=verbose)
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:
@@ -116,7 +128,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     epsilon = float(run_config["epsilon"])
     console.print(f"simulating {n_sites} sites, {run_config['num-server-rounds']} rounds of "
                   f"{run_config['strategy']}, per-site epsilon {'off' if math.isinf(epsilon) else epsilon}")
-    summary = simulate(run_config, n_sites)
+    summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
     run_dir = Path(str(run_config["run-dir"]))
     if getattr(args, "local_baselines", False):
         summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)

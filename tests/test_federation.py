@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -103,7 +104,7 @@ def test_client_reply_holds_only_trainable_arrays_and_scalars(cohort, tmp_path, 
     for reply in train_replies:
         assert set(reply.content.keys()) == {"arrays", "metrics"}
         names = set(reply.content["arrays"].keys())
-        heads = {"text_proj", "struct_tower", "fusion", "heads"}
+        heads = {"text_proj", "struct_tower", "fusion", "heads", "aux_heads"}
         assert names and all("lora_" in n or n.split(".")[0] in heads for n in names)
         assert not any("embeddings" in n or ("dense" in n and "lora_" not in n) for n in names)
         metrics = dict(reply.content["metrics"])
@@ -230,3 +231,33 @@ def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):
     for name, value in loaded.items():
         ours = next(v for k, v in final.items() if k.endswith(name.split("base_model.model.", 1)[1]))
         torch.testing.assert_close(value, ours)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_run_and_ffa_lora_sends_only_b(cohort, tmp_path, tiny_encoder, strategy):
+    grid = InProcessGrid(_sim_nodes())
+    summary = run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, strategy=strategy,
+                                               **{"num-server-rounds": 1, "ffa-lora": True}), pooled=False)
+    assert summary["config"]["strategy"] == strategy and not summary["rejected_updates"]
+    for reply in (r for r in grid.replies if r.metadata.message_type == "train"):
+        names = set(reply.content["arrays"].keys())
+        assert any("lora_B" in n for n in names) and not any("lora_A" in n for n in names)
+
+
+def test_proximal_step_pulls_towards_the_global_model(cohort, tiny_encoder):
+    from client.site import build_model
+    from common.data import VisitDataset
+    from common.train import make_loader, make_optimizer, train_epoch
+
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, modality="structured", lr=0.01)
+    model = build_model(config, None)
+    global_state = model.trainable_state()
+    data = VisitDataset(pd.read_parquet(cohort / "site-1.parquet").assign(site="site-1"), None, config)
+    optimizer = make_optimizer(model, config.lr, 0.0)
+    # lr * mu = 1: every step is undone by the proximal step, so the model stays at the global one.
+    train_epoch(model, make_loader(data, 16, shuffle=True), optimizer, proximal_mu=1 / config.lr,
+                global_state=global_state)
+    for name, value in model.trainable_state().items():
+        torch.testing.assert_close(value, global_state[name])
+    train_epoch(model, make_loader(data, 16, shuffle=True), optimizer)
+    assert any(not torch.equal(v, global_state[n]) for n, v in model.trainable_state().items())

@@ -1,0 +1,77 @@
+"""`edfed train central` end to end on a tiny cohort and encoder, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.cli import main
+from common.contract import OUTCOMES
+from common.data import patient_split
+from server.federation import DEFAULT_RUN_CONFIG
+from simulations.cohort import generate_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return generate_cohort(tmp_path_factory.mktemp("central") / "cohort", visits_per_site=100, seed=1)
+
+
+def test_central_training_writes_the_interface_summary(cohort, tmp_path, tiny_encoder):
+    out = tmp_path / "run"
+    assert main(["train", "central", "--data", str(cohort), "--model", str(tiny_encoder), "--out", str(out),
+                 "--epochs", "2", "--lora-layers", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "central"
+    assert {"config", "final", "per_site", "privacy", "communication", "wall_seconds"} <= set(summary)
+    for outcome in OUTCOMES:
+        metrics = summary["final"][outcome]
+        assert {"auroc", "auprc", "brier", "ece", "n", "oracle_auroc"} <= set(metrics)
+        assert 0 <= metrics["auroc"] <= 1 and metrics["n"] > 0 and 0.5 < metrics["oracle_auroc"] <= 1
+        assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    assert set(summary["per_site"]) == {f"site-{k}" for k in range(1, 7)}
+    assert summary["config"]["model"] == str(tiny_encoder) and summary["config"]["epochs"] == 2
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").stat().st_size > 1000
+
+
+def test_bad_site_file_fails_cleanly_and_writes_nothing(cohort, tmp_path, capsys, tiny_encoder):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in cohort.glob("site-*.parquet"):
+        table = pd.read_parquet(path)
+        if path.name == "site-2.parquet":
+            table.loc[3, "spo2"] = 999.0  # a sentinel value
+        table.to_parquet(data / path.name)
+    out = tmp_path / "run"
+    assert main(["train", "central", "--data", str(data), "--model", str(tiny_encoder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "site-2.parquet" in err and "spo2" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_model_directory_is_a_clean_error(cohort, tmp_path, capsys):
+    assert main(["train", "central", "--data", str(cohort), "--model", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_patient_split_is_by_patient_and_deterministic(cohort):
+    table = pd.read_parquet(cohort / "site-1.parquet")
+    split = pd.Series(patient_split(table["patient_id"], seed=0), index=table.index)
+    assert (split.groupby(table["patient_id"]).nunique() == 1).all()
+    assert (split == pd.Series(patient_split(table["patient_id"], seed=0), index=table.index)).all()
+    shares = split.value_counts(normalize=True)
+    assert 0.55 < shares["train"] < 0.85 and shares["test"] > 0.1
+    assert not (split == pd.Series(patient_split(table["patient_id"], seed=1), index=table.index)).all()
+
+
+def test_flower_run_config_mirrors_the_defaults():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(run_config) == set(DEFAULT_RUN_CONFIG)
+    for key, value in DEFAULT_RUN_CONFIG.items():
+        assert run_config[key] == value, key
