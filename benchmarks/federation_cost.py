@@ -8,11 +8,13 @@ prints, from its summary:
     sites train at once, so summed client time can exceed wall time.
 
     python benchmarks/federation_cost.py [--data data/cohort] [--rounds 2] [--epsilon 8]
+    python benchmarks/federation_cost.py --run RUN_DIR     # the same figures for a finished edfed simulate run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -28,15 +30,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--model", default="")
+    parser.add_argument("--run", type=Path, default=None, help="report a finished run instead of running one")
     args = parser.parse_args()
-    if not args.data.exists():
-        from simulations.cohort import generate_cohort
+    if args.run is not None:
+        summary = json.loads((args.run / "summary.json").read_text())
+        args.rounds, args.epsilon = summary["num_rounds"], float(summary["config"]["epsilon"])
+    else:
+        if not args.data.exists():
+            from simulations.cohort import generate_cohort
 
-        generate_cohort(args.data)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_config = {**DEFAULT_RUN_CONFIG, "data-dir": str(args.data.resolve()), "run-dir": tmp,
-                      "num-server-rounds": args.rounds, "epsilon": args.epsilon, "model": args.model}
-        summary = simulate(run_config, len(site_files(args.data)))
+            generate_cohort(args.data)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_config = {**DEFAULT_RUN_CONFIG, "data-dir": str(args.data.resolve()), "run-dir": tmp,
+                          "num-server-rounds": args.rounds, "epsilon": args.epsilon, "model": args.model}
+            summary = simulate(run_config, len(site_files(args.data)))
     comm = summary["communication"]
     sent, full = comm["bytes_sent_per_client_round"], comm["full_model_bytes"]
     print(f"sites: {len(summary['privacy'])}, rounds: {args.rounds}, epsilon per site: "

@@ -7,7 +7,7 @@ default-fp32: the default with the frozen layers in fp32, to show what bf16 cost
 
 Every setup trains on the same visits for the same epochs and is scored on the same test visits.
 
-    python benchmarks/train_speed.py [--data data/cohort] [--train-visits 1200] [--epochs 2]
+    python benchmarks/train_speed.py [--data data/cohort] [--train-visits 1000] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from common.config import TrainConfig
 from common.data import VisitDataset, load_cohort
+from common.display import make_console
 from common.features import load_tokenizer
 from common.metrics import evaluate
 from common.train import cache_frozen_layers, predict
@@ -38,8 +38,8 @@ SETUPS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/cohort"))
-    parser.add_argument("--train-visits", type=int, default=1200)
-    parser.add_argument("--test-visits", type=int, default=1500)
+    parser.add_argument("--train-visits", type=int, default=1000)
+    parser.add_argument("--test-visits", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--setups", default=",".join(SETUPS))
     args = parser.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
     val = cohort[cohort["split"] == "val"]
     test = cohort[cohort["split"] == "test"]
     test = test.iloc[np.sort(rng.choice(len(test), min(args.test_visits, len(test)), replace=False))]
-    console = Console()
+    console = make_console()
     console.print(f"{len(train)} training visits x {args.epochs} epochs, {len(test)} test visits, "
                   f"{torch.get_num_threads()} threads")
     rows = []

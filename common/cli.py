@@ -56,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
-    central.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
+    central.add_argument("--epochs", type=int, default=None, help="training epochs (default 4)")
     central.add_argument("--no-bf16", action="store_true", help="run the frozen encoder layers in fp32")
     central.add_argument("--no-cache", action="store_true",
                          help="recompute the frozen lower layers every step instead of caching them")
 
     sim = sub.add_parser("simulate", help="a simulated federation of the sites in --data (Flower simulation)")
     _add_training_flags(sim)
-    sim.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    sim.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
     sim.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
     sim.add_argument("--epsilon", type=_float_or_inf, default=None,
                      help="per-site privacy budget (default 8; inf turns DP off)")

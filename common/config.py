@@ -45,8 +45,8 @@ class TrainConfig:
     bf16: bool = True
     cache_frozen: bool = True
     # Optimisation
-    aux_weight: float = 0.5  # multimodal: weight of each branch's own auxiliary loss
-    epochs: int = 3
+    aux_weight: float = 1.0  # multimodal: weight of each branch's own auxiliary loss
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01

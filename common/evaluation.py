@@ -16,6 +16,7 @@ from rich.table import Table
 
 from common.contract import OUTCOMES
 from common.data import VisitDataset, load_oracle
+from common.display import make_console
 from common.metrics import evaluate
 from common.model import OutcomeModel
 from common.plots import plot_roc_and_calibration
@@ -70,7 +71,7 @@ def print_metrics(final: dict, title: str, console: Console | None = None) -> No
         lo, hi = m.get("auroc_ci", [float("nan")] * 2)
         table.add_row(name, f"{m['auroc']:.3f} ({lo:.3f}-{hi:.3f})", f"{m.get('oracle_auroc', float('nan')):.3f}",
                       f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}", str(m["n"]), str(m["events"]))
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
 
 
 class PooledEvaluation:

@@ -11,17 +11,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from common.data import VisitDataset
 from common.model import OutcomeModel
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False)
 
 
 def make_loader(dataset: VisitDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:

@@ -33,7 +33,7 @@ from common.model import OutcomeModel
 # Mirrored in pyproject's [tool.flwr.app.config] (a test keeps the two equal); every key can be
 # overridden with `flwr run . --run-config 'key=value'` or the matching `edfed simulate` flag.
 DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
-    "num-server-rounds": 3,
+    "num-server-rounds": 4,
     "local-epochs": 1,
     "strategy": "fedavg",
     "proximal-mu": 0.01,

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
 
 from common.config import TrainConfig
 from common.data import VisitDataset, load_cohort
+from common.display import make_console, progress_bar
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, print_metrics, write_summary
 from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
-from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, progress_bar, train_epoch
+from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -56,7 +56,8 @@ def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tok
                                 description=f"epoch {epoch + 1}/{config.epochs}")
             val_metrics = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
             val_auroc = float(np.nanmean([m["auroc"] for m in val_metrics.values()]))
-            history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc})
+            history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc,
+                            "val_auroc": {o: m["auroc"] for o, m in val_metrics.items()}})
             if val_auroc > best:
                 best, best_state = val_auroc, model.trainable_state()
     model.load_trainable_state(best_state)
@@ -66,7 +67,7 @@ def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tok
 def run_central(args: argparse.Namespace) -> dict:
     config = config_from_args(args)
     started = time.perf_counter()
-    console = Console()
+    console = make_console()
     cohort = load_cohort(args.data, config.seed)
     tokenizer = load_tokenizer(config)
     out = args.out or Path("runs") / f"central-{config.modality}-{datetime.now():%Y%m%d-%H%M%S}"

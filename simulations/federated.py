@@ -20,10 +20,10 @@ from rich.table import Table
 
 from common.contract import OUTCOMES
 from common.data import load_cohort, site_files
+from common.display import make_console, progress_bar
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, write_summary
 from common.features import load_tokenizer
-from common.train import progress_bar
 from server.federation import DEFAULT_RUN_CONFIG, train_config_from
 
 _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
@@ -105,7 +105,7 @@ def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dic
 
 
 def run_simulate(args: argparse.Namespace) -> dict:
-    console = Console()
+    console = make_console()
     started = time.perf_counter()
     if args.resume:
         meta = json.loads((args.resume / "run.json").read_text()) if (args.resume / "run.json").exists() else None
