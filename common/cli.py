@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
+    deploy = sub.add_parser("deploy", help="credentials for a real deployment").add_subparsers(dest="action",
+                                                                                           required=True)
+    init = deploy.add_parser("init", help="coordinator: a CA and the SuperLink's TLS certificate")
+    init.add_argument("--out", type=Path, default=Path("credentials"))
+    init.add_argument("--host", action="append", default=None,
+                      help="a name or IP the SuperLink is reached at (repeat; default: localhost and 127.0.0.1)")
+    key = deploy.add_parser("site-key", help="site: an EC P-384 key pair for SuperNode authentication")
+    key.add_argument("name", help="the site's name, e.g. ed-site-1")
+    key.add_argument("--out", type=Path, default=Path("credentials"))
     return parser
 
 
@@ -103,6 +112,14 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(f"{args.data} does not exist: generating the default simulated cohort there")
             generate_cohort(args.data)
         run_central(args)
+    elif args.command == "deploy":
+        from common.credentials import init_coordinator, site_key
+
+        if args.action == "init":
+            written = init_coordinator(args.out, args.host or ["localhost", "127.0.0.1"])
+        else:
+            written = site_key(args.name, args.out)
+        print("wrote " + ", ".join(str(p) for p in written) + " (private keys owner-only)")
     elif args.command == "simulate":
         from simulations.federated import run_simulate
 
