@@ -261,3 +261,35 @@ def test_proximal_step_pulls_towards_the_global_model(cohort, tiny_encoder):
         torch.testing.assert_close(value, global_state[name])
     train_epoch(model, make_loader(data, 16, shuffle=True), optimizer)
     assert any(not torch.equal(v, global_state[n]) for n, v in model.trainable_state().items())
+
+
+def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encoder):
+    """Per-example grads (Opacus hooks) of the adapters and heads sum to the ordinary batch gradient."""
+    from opacus import GradSampleModule
+
+    from client.site import build_model
+
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, bf16=False)
+    model = build_model(config, None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (6, 12), generator=g)
+    mask = torch.ones(6, 12, dtype=torch.long)
+    mask[2, 7:] = 0
+    n_struct = model.struct_tower[0].in_features
+    batch = {"hidden": model.lower(ids, mask), "attention_mask": mask, "struct": torch.randn(6, n_struct, generator=g),
+             "labels": torch.tensor([[1.0, 0.0, float("nan")]] * 3 + [[0.0, 1.0, 1.0]] * 3)}
+    model.train()
+    model.fusion[2].p = 0.0  # dropout off so both passes see the same function
+    model.training_loss(batch).mean().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    hooked = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    model.training_loss(batch).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad_sample.mean(0), reference[name], atol=1e-5, rtol=1e-4)
+    hooked._close()
