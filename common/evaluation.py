@@ -26,12 +26,13 @@ from common.train import cache_frozen_layers, predict
 def oracle_risks(data_dir: Path, table: pd.DataFrame) -> np.ndarray | None:
     """True risks aligned with `table`'s rows ([n, 3]), or None when the cohort has no oracle."""
     frames = []
-    for site, rows in table.groupby("site", sort=False):
+    for site in pd.unique(table["site"]):
         oracle = load_oracle(data_dir, site)
         if oracle is None:
             return None
-        frames.append(rows[["visit_id"]].merge(oracle, on="visit_id", how="left"))
-    merged = table[["site", "visit_id"]].merge(pd.concat(frames), on="visit_id", how="left")
+        frames.append(oracle.assign(site=site))
+    # visit_id is unique only within a site's file, so align on both.
+    merged = table[["site", "visit_id"]].merge(pd.concat(frames), on=["site", "visit_id"], how="left")
     return merged[[f"risk_{o}" for o in OUTCOMES]].to_numpy(float)
 
 

@@ -75,3 +75,16 @@ def test_flower_run_config_mirrors_the_defaults():
     assert set(run_config) == set(DEFAULT_RUN_CONFIG)
     for key, value in DEFAULT_RUN_CONFIG.items():
         assert run_config[key] == value, key
+
+
+def test_oracle_risks_align_when_sites_share_visit_ids(tmp_path):
+    from common.evaluation import oracle_risks
+
+    (tmp_path / "oracle").mkdir()
+    for k, risk in ((1, 0.1), (2, 0.9)):
+        pd.DataFrame({"visit_id": ["v1", "v2"], **{f"risk_{o}": [risk, risk] for o in OUTCOMES}}).to_parquet(
+            tmp_path / "oracle" / f"site-{k}.parquet")
+    table = pd.DataFrame({"site": ["site-2", "site-1", "site-2"], "visit_id": ["v1", "v2", "v2"]})
+    risks = oracle_risks(tmp_path, table)
+    assert risks.shape == (3, 3)
+    assert list(risks[:, 0]) == [0.9, 0.1, 0.9]
