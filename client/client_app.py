@@ -1,20 +1,39 @@
 """The Flower ClientApp: a few lines of wiring around `client.site` (what runs in a hospital).
 
-A train reply holds the site's trainable arrays and a MetricRecord of scalars; an evaluate reply
-only scalars. No string, row or note ever goes into a reply.
+A train reply holds the site's trainable arrays and a MetricRecord of scalars; an evaluate or
+check reply only scalars. No string, row or note ever goes into a reply. When the site cannot take
+part (its table breaks the data contract, its encoder differs, ...), it answers with an error
+whose reason is edfed's one-line message, which names files, columns and rules, never values.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from logging import ERROR
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
-from client.site import evaluate_site, settings_from_configs, train_round
+from client.site import check_site, evaluate_site, settings_from_configs, train_round
 from common.config import TrainConfig
+from common.errors import EdfedError
 
 app = ClientApp()
+
+
+def _refuse_cleanly(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except EdfedError as exc:
+            log(ERROR, "edfed: this site does not take part: %s", exc)  # the site's own log, no traceback
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"edfed: {exc}"), reply_to=msg)
+    return guarded
 
 
 def _site_and_config(msg: Message, context: Context):
@@ -26,7 +45,16 @@ def _site_and_config(msg: Message, context: Context):
     return settings, config, message_config
 
 
+@app.query("check")
+@_refuse_cleanly
+def check(msg: Message, context: Context) -> Message:
+    settings, config, cfg = _site_and_config(msg, context)
+    metrics = check_site(settings, config, expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
+@_refuse_cleanly
 def train(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     state, metrics = train_round(
@@ -41,6 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_refuse_cleanly
 def evaluate(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     metrics = evaluate_site(settings, config, msg.content["arrays"].to_torch_state_dict(),

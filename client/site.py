@@ -134,6 +134,22 @@ def check_encoder(config: TrainConfig, expected_fingerprint: str) -> None:
                              f"server expects ({expected_fingerprint}); refusing to train")
 
 
+def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint: str = "") -> dict[str, float]:
+    """Before a site's first round: its encoder matches, its table passes the data contract, its ledger reads.
+
+    Raises EdfedError (the message names file, column and rule, never a value) when the site cannot
+    join; otherwise returns the scalars the coordinator logs: split sizes and the budget left.
+    """
+    check_encoder(config, expected_fingerprint)
+    table = load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping).table
+    counts = table["split"].value_counts()
+    metrics = {"site-id": settings.site_index, "rows": len(table), "epsilon-budget": settings.epsilon,
+               **{f"{split}-rows": int(counts.get(split, 0)) for split in ("train", "val", "test")}}
+    if math.isfinite(settings.epsilon):
+        metrics["epsilon-spent"] = PrivacyLedger.open(settings.ledger_path).spent(settings.delta)
+    return metrics
+
+
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
                 run_id: str, server_round: int, num_rounds: int, local_epochs: int, proximal_mu: float = 0.0,
                 max_grad_norm: float = 1.0, expected_fingerprint: str = "") -> tuple[dict | None, dict]:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from safetensors.torch import load_file, save_file
 
 from common.config import TrainConfig
+from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, state_bytes, update_problem
@@ -42,8 +43,10 @@ DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
     "epsilon": 8.0,
     "delta": 1e-5,
     "max-grad-norm": 1.0,
+    "num-sites": 6,
     "min-sites": 2,
     "round-timeout": 1800,
+    "join-timeout": 600,
     "data-dir": "data/cohort",
     "run-dir": "",
     "ledger-dir": "",
@@ -77,10 +80,23 @@ class CheckedAggregation:
         self.reports: dict[int, dict[str, dict]] = {}
         self.rejected: list[dict] = []
         self.reply_bytes: list[int] = []
+        self.asked: dict[int, set[int]] = {}
+        self.round_offset = 0  # rounds done before a resume: reports are keyed by the run's round number
 
-    def aggregate_train(self, server_round, replies):
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.asked[server_round] = {msg.metadata.dst_node_id for msg in messages}
+        return messages
+
+    def aggregate_train(self, strategy_round, replies):
         accepted = []
+        server_round = strategy_round + self.round_offset
         reports = self.reports.setdefault(server_round, {})
+        replies = list(replies)
+        for node in sorted(self.asked.get(strategy_round, set()) - {msg.metadata.src_node_id for msg in replies}):
+            log(WARNING, "round %d: node %s did not answer within round-timeout; going on without it",
+                server_round, node)
+            self.rejected.append({"round": server_round, "node": node, "why": "no answer"})
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -107,7 +123,7 @@ class CheckedAggregation:
             log(WARNING, "round %d: %d usable updates, fewer than min-sites=%d; keeping the previous global model",
                 server_round, len(accepted), self.min_sites)
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        return super().aggregate_train(strategy_round, accepted)
 
 
 class CheckedFedAvg(CheckedAggregation, FedAvg):
@@ -122,10 +138,13 @@ class CheckedFedAdam(CheckedAggregation, FedAdam):
     pass
 
 
-def make_strategy(run_config: dict, expected: dict[str, tuple[int, ...]], n_sites: int) -> CheckedAggregation:
+def make_strategy(run_config: dict, expected: dict[str, tuple[int, ...]]) -> CheckedAggregation:
+    """Every connected site trains each round; a round waits for no more than `min-sites` of them, so a
+    site that died does not stall the run (its unanswered message ends with `round-timeout`)."""
     name = str(run_config["strategy"]).lower()
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n_sites, min_evaluate_nodes=n_sites,
-                  min_available_nodes=n_sites)
+    min_sites = int(run_config["min-sites"])
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
+                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
     if name == "fedavg":
         strategy = CheckedFedAvg(**common)
     elif name == "fedprox":
@@ -136,6 +155,74 @@ def make_strategy(run_config: dict, expected: dict[str, tuple[int, ...]], n_site
         raise EdfedError(f"strategy must be fedavg, fedprox or fedadam, got {name!r}")
     strategy.setup_checks(expected, int(run_config["min-sites"]))
     return strategy
+
+
+class JoinedSites:
+    """The grid as the strategy sees it: connected nodes whose site passed the check before round 1.
+
+    A site that restarts keeps its node id (it is bound to its registered key), so it rejoins.
+    """
+
+    def __init__(self, grid: Grid, joined: set[int]) -> None:
+        self._grid, self.joined = grid, joined
+
+    def get_node_ids(self):
+        return [node for node in self._grid.get_node_ids() if node in self.joined]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set[int], dict[str, dict], list[dict]]:
+    """Wait for `num-sites` sites (up to `join-timeout` s), then ask each to check itself.
+
+    A site checks its encoder, its table against the data contract and its privacy ledger; one that
+    fails answers with the reason and is left out of the run. Fewer than `min-sites` left: stop.
+    """
+    expected, min_sites = int(run_config["num-sites"]), int(run_config["min-sites"])
+    deadline = time.monotonic() + float(run_config["join-timeout"])
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        log(INFO, "waiting for sites: %d of %d connected", len(nodes), expected)
+        time.sleep(2)
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.check")
+                for node in nodes]
+    joined, sites, refused = set(), {}, []
+    for reply in grid.send_and_receive(messages, timeout=float(run_config["round-timeout"])):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %s does not join this run: %s", node, reply.error.reason[:500])
+            refused.append({"node": node, "why": reply.error.reason[:500]})
+            continue
+        metrics = dict(reply.content["metrics"])
+        site = f"site-{int(metrics['site-id'])}"
+        sites[site] = {"node": node, **metrics}
+        joined.add(node)
+        log(INFO, "%s (node %s) joins: %d visits, epsilon budget %s", site, node, metrics["rows"],
+            metrics["epsilon-budget"])
+    silent = set(nodes) - joined - {r["node"] for r in refused}
+    refused += [{"node": node, "why": "no answer to the check"} for node in silent]
+    if len(joined) < min_sites:
+        raise EdfedError(f"only {len(joined)} of {len(nodes)} connected sites passed the check before round 1 "
+                         f"(min-sites is {min_sites}); see the warnings above for each site's reason")
+    return joined, sites, refused
+
+
+def evaluate_at_sites(grid: Grid, joined: set[int], state: dict[str, torch.Tensor], config: ConfigRecord,
+                      timeout: float) -> dict[str, dict]:
+    """Deployment: each site scores the final global model on its own test split; only AUROCs come back."""
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({**dict(config), "split": "test"})})
+    messages = [Message(content, dst_node_id=node, message_type="evaluate")
+                for node in grid.get_node_ids() if node in joined]
+    per_site = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log(WARNING, "node %s could not score the final model: %s", reply.metadata.src_node_id,
+                reply.error.reason[:300])
+            continue
+        metrics = dict(reply.content["metrics"])
+        per_site[f"site-{int(metrics['site-id'])}"] = {
+            outcome: {"auroc": metrics[f"{outcome}-auroc"], "n": int(metrics["num-examples"])} for outcome in OUTCOMES}
+    return dict(sorted(per_site.items()))
 
 
 class RunFolder:
@@ -159,6 +246,23 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=1))
         return meta
+
+    def save_history(self, strategy: CheckedAggregation, rounds: dict[int, dict]) -> None:
+        """What the summary reports about past rounds, kept so that a resumed run's summary covers them."""
+        history = {"reports": {str(k): v for k, v in strategy.reports.items()}, "rejected": strategy.rejected,
+                   "rounds": {str(k): v for k, v in rounds.items()}}
+        tmp = self.path / ".history.tmp"
+        tmp.write_text(json.dumps(history, indent=1))
+        tmp.replace(self.path / "history.json")
+
+    def load_history(self, strategy: CheckedAggregation, rounds: dict[int, dict], upto: int) -> None:
+        path = self.path / "history.json"
+        if not path.exists():
+            return
+        history = json.loads(path.read_text())
+        strategy.reports.update({int(k): v for k, v in history["reports"].items() if int(k) <= upto})
+        strategy.rejected.extend(r for r in history["rejected"] if r["round"] <= upto)
+        rounds.update({int(k): v for k, v in history["rounds"].items() if int(k) <= upto})
 
     def last_round(self) -> tuple[int, dict[str, torch.Tensor] | None]:
         rounds = sorted(int(p.stem.split("-")[1]) for p in self.checkpoints.glob("round-*.safetensors"))
@@ -192,15 +296,14 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     folder = RunFolder(Path(str(run_config["run-dir"]) or f"runs/federated-{datetime.now():%Y%m%d-%H%M%S}"))
     meta = folder.start(run_config)
     if run_config.get("resume"):
-        run_config = {**meta["config"], "resume": True}
+        run_config = {**DEFAULT_RUN_CONFIG, **meta["config"], "resume": True}
     config = train_config_from(run_config)
     torch.manual_seed(config.seed)
     model = OutcomeModel(config, n_struct=len(structured_feature_names()))
     done, state = folder.last_round()
     state = state or model.trainable_state()
     expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
-    n_sites = int(run_config.get("num-sites", 6))
-    strategy = make_strategy(run_config, expected, n_sites)
+    strategy = make_strategy(run_config, expected)
     total_rounds = int(run_config["num-server-rounds"])
     fingerprint = encoder_fingerprint(config.encoder_dir) if config.uses_text else ""
     train_config = ConfigRecord({
@@ -214,33 +317,40 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     rounds: dict[int, dict] = {}
     evaluation = PooledEvaluation(Path(str(run_config["data-dir"])), config) if pooled else None
 
+    strategy.round_offset = done
+    folder.load_history(strategy, rounds, upto=done)
+
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         real_round = server_round + done
         round_state = arrays.to_torch_state_dict()
+        aurocs: dict[str, float] = {}
+        if evaluation is not None:
+            model.load_trainable_state(round_state)
+            aurocs = rounds[real_round] = {o: m["auroc"] for o, m in evaluation.validation(model).items()}
+            log(INFO, "round %d: pooled validation AUROC %s", real_round, {k: round(v, 3) for k, v in aurocs.items()})
         if server_round > 0 or done == 0:
+            folder.save_history(strategy, rounds)  # first: a resume reads history up to its last checkpoint
             folder.save_round(real_round, model, round_state)
-        if evaluation is None:
-            if on_round:
-                on_round(real_round, total_rounds, {})
-            return None
-        model.load_trainable_state(round_state)
-        metrics = evaluation.validation(model)
-        rounds[real_round] = {o: m["auroc"] for o, m in metrics.items()}
-        log(INFO, "round %d: pooled validation AUROC %s", real_round,
-            {k: round(v, 3) for k, v in rounds[real_round].items()})
         if on_round:
-            on_round(real_round, total_rounds, rounds[real_round])
-        return MetricRecord({f"{o}-auroc": v for o, v in rounds[real_round].items()})
+            on_round(real_round, total_rounds, aurocs)
+        return MetricRecord({f"{o}-auroc": v for o, v in aurocs.items()}) if aurocs else None
 
+    sites, refused, joined = {}, [], set()
     if done < total_rounds:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total_rounds - done,
-                                timeout=float(run_config["round-timeout"]), train_config=train_config,
+        joined, sites, refused = check_sites(grid, train_config, run_config)
+        result = strategy.start(grid=JoinedSites(grid, joined), initial_arrays=ArrayRecord(state),
+                                num_rounds=total_rounds - done, timeout=float(run_config["round-timeout"]),
+                                train_config=train_config,
                                 evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
         final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else state
     else:
         final_state = state
     model.load_trainable_state(final_state)
     summary = build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds)
+    summary["sites"], summary["refused_sites"] = sites, refused
+    if evaluation is None and joined:
+        summary["per_site"] = evaluate_at_sites(grid, joined, final_state, train_config,
+                                                float(run_config["round-timeout"]))
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(folder.path, summary)
     return summary

@@ -19,4 +19,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
-    run_federation(grid, run_config, pooled=Path(str(run_config.get("data-dir", ""))).is_dir())
+    data_dir = str(run_config.get("data-dir", ""))
+    run_federation(grid, run_config, pooled=bool(data_dir) and any(Path(data_dir).glob("site-*.*")))

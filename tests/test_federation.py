@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app as client_app
 from client.site import SiteSettings, train_round
 from common.config import TrainConfig
+from common.errors import EdfedError
 from common.privacy import PrivacyLedger, epsilon_of
 from server.federation import CheckedFedAvg, run_federation
 from simulations.cohort import generate_cohort
@@ -214,6 +215,42 @@ def test_resume_continues_from_the_last_checkpoint(cohort, tmp_path, tiny_encode
     assert len(train_rounds) == 6 and summary["run_id"] == meta["run-id"]
     assert (run_dir / "checkpoints" / "round-2.safetensors").exists()
     assert sum(1 for r in grid.replies if r.metadata.message_type == "train") == 6  # one round, not two
+    # The summary covers both rounds, the one before the crash included, numbered as the run counts them.
+    assert set(summary["site_reports"]) == {"1", "2"} and all(len(r) == 6 for r in summary["site_reports"].values())
+
+
+def _deployed_nodes(data_dir: Path, tmp_path: Path, encoder: Path) -> dict[int, dict]:
+    """Node configs as `flower-supernode --node-config` gives them: each site's own path and budget."""
+    return {200 + k: {"data-path": str(data_dir / f"site-{k}.parquet"), "epsilon": math.inf,
+                      "ledger-path": str(tmp_path / f"site-{k}.ledger.json"), "model-path": str(encoder)}
+            for k in range(1, 7)}
+
+
+def test_a_site_that_breaks_the_contract_does_not_join_and_the_run_goes_on(cohort, tmp_path, tiny_encoder):
+    data = tmp_path / "sites"
+    data.mkdir()
+    for k in range(1, 7):
+        table = pd.read_parquet(cohort / f"site-{k}.parquet")
+        (table.drop(columns=["age"]) if k == 3 else table).to_parquet(data / f"site-{k}.parquet")
+    grid = InProcessGrid(_deployed_nodes(data, tmp_path, tiny_encoder))
+    summary = run_federation(grid, _run_config(data, tmp_path / "run", tiny_encoder, **{"num-server-rounds": 1}),
+                             pooled=False)
+    assert set(summary["sites"]) == {"site-1", "site-2", "site-4", "site-5", "site-6"}
+    assert [r["node"] for r in summary["refused_sites"]] == [203]
+    assert "site-3.parquet" in summary["refused_sites"][0]["why"] and "'age'" in summary["refused_sites"][0]["why"]
+    trained = {int(m["site-id"]) for m in summary["site_reports"]["1"].values()}
+    assert trained == {1, 2, 4, 5, 6}  # the refused site is not asked to train
+    notes = pd.read_parquet(cohort / "site-3.parquet")["note_physician"].dropna()
+    snippets = [line for note in notes for line in note.splitlines() if len(line) > 30]
+    assert snippets and not any(line in json.dumps(summary) for line in snippets)
+
+
+def test_too_few_sites_passing_the_check_stops_the_run(cohort, tmp_path, tiny_encoder):
+    nodes = _deployed_nodes(cohort, tmp_path, tiny_encoder)
+    for node in list(nodes)[1:]:
+        nodes[node] = {**nodes[node], "data-path": str(tmp_path / "missing.parquet")}
+    with pytest.raises(EdfedError, match="only 1 of 6 connected sites passed the check"):
+        run_federation(InProcessGrid(nodes), _run_config(cohort, tmp_path / "run", tiny_encoder), pooled=False)
 
 
 def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):

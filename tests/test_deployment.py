@@ -1,0 +1,209 @@
+"""A real deployment on loopback: a TLS SuperLink with node authentication and six hospital SuperNodes.
+
+Every process is a real Flower process started the way docs/deployment.md tells a hospital to
+start it (tiny encoder, 60 visits per site, so it fits CI). One test walks through the story:
+an unregistered site is refused; a site dies during round 1 of a three-round run and rounds 1 and 2
+complete with the other five; the coordinator then crashes, restarts and resumes the run from round
+2's checkpoint, and the site that died has come back and trains in round 3; no log holds note text.
+Every process the test starts is stopped by the test (process trees, not just the parents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from common.cli import main as edfed
+from simulations.cohort import generate_cohort
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = range(1, 7)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Processes:
+    """The processes this test started, each with its own log file; stopped with all descendants."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env = logs, env
+        self.running: dict[str, subprocess.Popen] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "a") as log:
+            proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env, cwd=REPO, start_new_session=True)
+        self.running[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.running.pop(name)
+        try:  # SuperExec and app processes are detached children: collect the tree before it breaks up
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        for p in alive:
+            p.kill()
+        proc.wait(timeout=15)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
+@pytest.fixture
+def deployment(tmp_path, tiny_encoder):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr_home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    processes = Processes(tmp_path / "logs", env)
+    try:
+        yield tmp_path, processes, env
+    finally:
+        processes.stop_all()
+
+
+def _flwr(env: dict, *args: str, timeout: float = 120) -> str:
+    done = subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"flwr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_restart(deployment, tiny_encoder):
+    root, processes, env = deployment
+    timings: dict[str, float] = {}
+    data = generate_cohort(root / "data", visits_per_site=60, seed=1)
+    creds = root / "creds"
+    assert edfed(["deploy", "init", "--out", str(creds)]) == 0
+    for name in [*(f"ed-site-{k}" for k in SITES), "unregistered"]:
+        assert edfed(["deploy", "site-key", name, "--out", str(creds)]) == 0
+
+    # Coordinator: the SuperLink with TLS and SuperNode authentication, state kept on disk.
+    port = _free_port()
+    superlink = ("flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile",
+                 str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth",
+                 "--port", str(port), "--database", str(root / "superlink.db"),
+                 "--disable-runtime-dependency-installation")
+    processes.start("superlink", *superlink)
+    _wait_for("the SuperLink", lambda: "Uvicorn running" in processes.log("superlink"), 60)
+    (root / "flwr_home").mkdir(exist_ok=True)
+    (root / "flwr_home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "edfed"\n\n[superlink.edfed]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n')
+    for k in SITES:
+        _flwr(env, "supernode", "register", str(creds / f"ed-site-{k}.pub"), "edfed", "--name", f"ed-site-{k}")
+
+    def start_site(k: int) -> None:
+        node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 '
+                       f'ledger-path="{root / "hospital" / f"site-{k}.ledger.json"}" '
+                       f'cache-dir="{root / "hospital" / f"cache-{k}"}" model-path="{tiny_encoder}"')
+        processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                        str(creds / "ca.crt"), "--auth-supernode-private-key", str(creds / f"ed-site-{k}.key"),
+                        "--port", str(_free_port()), "--node-config", node_config)
+
+    for k in SITES:
+        start_site(k)
+
+    # A SuperNode whose key was never registered is refused and exits.
+    started = time.monotonic()
+    rogue = processes.start("unregistered", "flower-supernode", "--superlink", f"127.0.0.1:{port}",
+                            "--root-certificates", str(creds / "ca.crt"), "--auth-supernode-private-key",
+                            str(creds / "unregistered.key"), "--port", str(_free_port()), "--node-config",
+                            f'data-path="{data / "site-1.parquet"}"')
+    assert rogue.wait(timeout=120) != 0
+    timings["unregistered node refused"] = time.monotonic() - started
+    assert "Failed to activate SuperNode" in processes.log("unregistered")
+    processes.running.pop("unregistered")
+
+    run_config = (f'num-server-rounds=3 model="{tiny_encoder}" data-dir="" lr=0.01 round-timeout=90 '
+                  f'join-timeout=120 min-sites=3 run-dir="{root / "run"}"')
+    run_dir, run_ids = root / "run", []
+
+    def start_run(extra: str = "") -> None:
+        out = _flwr(env, "run", ".", "edfed", "--run-config", f"{run_config} {extra}")
+        run_ids.append(re.search(r"run (\d+)", out).group(1))
+
+    def wait_for_file(name: str, timeout: float = 600) -> Path:
+        try:
+            return _wait_for(name, lambda: (run_dir / name).exists() and run_dir / name, timeout, every=0.5)
+        except AssertionError as exc:  # show what the ServerApp said
+            raise AssertionError(f"{exc}\n{_flwr(env, 'log', run_ids[-1], 'edfed', '--show')[-6000:]}") from None
+
+    # Site-6 dies as soon as it is asked to train in round 1; rounds 1 and 2 go on with the other five.
+    started = time.monotonic()
+    start_run()
+    _wait_for("site-6's first train message", lambda: "Receiving: train message" in processes.log("site-6"), 300)
+    processes.stop("site-6", signal.SIGKILL)
+    wait_for_file("checkpoints/round-2.safetensors")
+    timings["rounds 1-2 with site-6 killed in round 1"] = time.monotonic() - started
+
+    # The coordinator crashes; it restarts, site-6 comes back, and the run resumes from round 2's checkpoint.
+    started = time.monotonic()
+    processes.stop("superlink", signal.SIGKILL)
+    processes.start("superlink", *superlink)
+    _wait_for("the restarted SuperLink", lambda: processes.log("superlink").count("Uvicorn running") == 2, 60)
+    start_site(6)
+    start_run("resume=true")
+    summary = json.loads(wait_for_file("summary.json").read_text())
+    timings["coordinator restart, resume and round 3"] = time.monotonic() - started
+
+    assert json.loads((run_dir / "run.json").read_text())["resumed"] == 1
+    assert (run_dir / "checkpoints" / "round-3.safetensors").exists() and summary["num_rounds"] == 3
+    five, six = {f"site-{k}" for k in range(1, 6)}, {f"site-{k}" for k in SITES}
+    reports = summary["site_reports"]
+    assert set(reports["1"]) == five and set(reports["2"]) == five and set(reports["3"]) == six  # site-6 rejoined
+    node_6 = summary["sites"]["site-6"]["node"]
+    assert any(r["round"] == 1 and r.get("node") == node_6 for r in summary["rejected_updates"])
+    assert set(summary["sites"]) == six and not summary["refused_sites"]
+    assert set(summary["per_site"]) == six
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    for k in SITES:  # DP at every site, accounted in the site's own ledger across the restart
+        ledger = json.loads((root / "hospital" / f"site-{k}.ledger.json").read_text())
+        assert ledger["history"] and 0 < summary["privacy"][f"site-{k}"]["epsilon"] <= 8.0 + 1e-6
+
+    # No note text in any process's log, the ServerApp's included.
+    server_logs = "".join(_flwr(env, "log", run_id, "edfed", "--show") for run_id in run_ids)
+    logs = server_logs + "".join(p.read_text(errors="replace") for p in processes.logs.glob("*.log"))
+    notes = pd.concat([pd.read_parquet(data / f"site-{k}.parquet")[["note_triage", "note_physician",
+                                                                    "note_assessment_plan"]] for k in SITES])
+    lines = {line for note in notes.stack().dropna() for line in str(note).splitlines() if len(line) > 30}
+    assert lines and not [line for line in lines if line in logs]
+    print("deployment timings (s):", {k: round(v, 1) for k, v in timings.items()})
