@@ -35,6 +35,17 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_federation_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every simulated federation takes (`simulate`, and each point of `privacy-sweep`)."""
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
+    p.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
+    p.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
+    p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
+    p.add_argument("--ffa-lora", action="store_true", default=None,
+                   help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edfed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,15 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="a simulated federation of the sites in --data (Flower simulation)")
     _add_training_flags(sim)
-    sim.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
-    sim.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
+    _add_federation_flags(sim)
     sim.add_argument("--epsilon", type=_float_or_inf, default=None,
                      help="per-site privacy budget (default 8; inf turns DP off)")
-    sim.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
-    sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
-    sim.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
-    sim.add_argument("--ffa-lora", action="store_true", default=None,
-                     help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
     sim.add_argument("--ledger-dir", type=Path, default=None,
                      help="keep the sites' privacy ledgers here (default: inside the run folder)")
     sim.add_argument("--local-baselines", action="store_true",
@@ -79,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
+    sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
+                  "attack: results.csv/.md, privacy_utility.png")
+    sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
+    _add_training_flags(sweep)
+    _add_federation_flags(sweep)
+    sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
+                       help="per-site budgets, comma-separated; inf turns DP off (default 0.5,1,2,4,8,inf)")
+    sweep.add_argument("--seeds", type=int, default=3,
+                       help="runs per budget, with seeds --seed, --seed+1, ... (default 3)")
+    sweep.add_argument("--audit-site", default="site-1",
+                       help="the site whose train vs test visits the membership attack tries to tell apart")
+    sweep.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
+    sweep.epilog = "Rerun the same command (same --out) to resume: finished points are kept."
+    report_help = "render a run, sweep or experiment folder as RUN_DIR/report.md (tables, linked figures)"
+    report = sub.add_parser("report", help=report_help, description=report_help)
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a folder with summary.json, results.md/.csv, or run subfolders")
+    from simulations.experiments import add_experiment_parser  # light: no torch/pandas at import
+
+    add_experiment_parser(sub)
     deploy = sub.add_parser("deploy", help="credentials for a real deployment").add_subparsers(dest="action",
                                                                                            required=True)
     init = deploy.add_parser("init", help="coordinator: a CA and the SuperLink's TLS certificate")
@@ -124,6 +149,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         from simulations.federated import run_simulate
 
         run_simulate(args)
+    elif args.command == "privacy-sweep":
+        from simulations.sweep import run_sweep
+
+        run_sweep(args)
+    elif args.command == "report":
+        from common.report import write_report
+
+        print(f"wrote {write_report(args.run_dir)}")
+    elif args.command == "experiment":
+        from simulations.experiments import run_experiment_command
+
+        run_experiment_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,21 +37,36 @@ def oracle_risks(data_dir: Path, table: pd.DataFrame) -> np.ndarray | None:
 
 
 def evaluate_on_test(model: OutcomeModel, test: pd.DataFrame, tokenizer, data_dir: Path, out_dir: Path,
-                     title: str) -> tuple[dict, dict]:
+                     title: str, predictions_path: Path | None = None) -> tuple[dict, dict]:
     """(`final`, `per_site`) metrics on a pooled test table (which has a `site` column); writes plots."""
     config = model.config
     dataset = VisitDataset(test, tokenizer, config)
     cache_frozen_layers(model, dataset)
     probs = predict(model, dataset)
-    labels = dataset.labels.numpy()
+    return score_test(test, dataset.labels.numpy(), probs, data_dir, out_dir, title, config.bootstrap, config.seed,
+                      predictions_path)
+
+
+def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_dir: Path, out_dir: Path, title: str,
+               bootstrap: int = 200, seed: int = 0, predictions_path: Path | None = None) -> tuple[dict, dict]:
+    """(`final`, `per_site`) metrics of predicted risks [n, 3] for the rows of `test`; writes plots.
+
+    Any model's predictions (neural or not) are scored here, so their numbers mean the same thing.
+    `predictions_path`: also keep each test visit's labels and predicted risks there (Parquet).
+    """
     oracle = oracle_risks(data_dir, test)
-    final = evaluate(labels, probs, config.bootstrap, config.seed, oracle)
+    final = evaluate(labels, probs, bootstrap, seed, oracle)
     per_site = {}
     for site in pd.unique(test["site"]):
         rows = (test["site"] == site).to_numpy()
-        per_site[site] = evaluate(labels[rows], probs[rows], config.bootstrap, config.seed,
+        per_site[site] = evaluate(labels[rows], probs[rows], bootstrap, seed,
                                   None if oracle is None else oracle[rows])
     plot_roc_and_calibration(labels, probs, final, out_dir, title)
+    if predictions_path is not None:
+        ids = test[[c for c in ("site", "visit_id", "split") if c in test]].reset_index(drop=True)
+        risks = pd.DataFrame({**{o: labels[:, k] for k, o in enumerate(OUTCOMES)},
+                              **{f"p_{o}": probs[:, k] for k, o in enumerate(OUTCOMES)}})
+        pd.concat([ids, risks], axis=1).to_parquet(predictions_path, index=False)
     return final, per_site
 
 

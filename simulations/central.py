@@ -55,43 +55,71 @@ def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tok
             stats = train_epoch(model, loader, optimizer, progress=progress,
                                 description=f"epoch {epoch + 1}/{config.epochs}")
             val_metrics = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
-            val_auroc = float(np.nanmean([m["auroc"] for m in val_metrics.values()]))
+            aurocs = [m["auroc"] for m in val_metrics.values() if not np.isnan(m["auroc"])]
+            val_auroc = float(np.mean(aurocs)) if aurocs else float("nan")
             history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc,
                             "val_auroc": {o: m["auroc"] for o, m in val_metrics.items()}})
-            if val_auroc > best:
-                best, best_state = val_auroc, model.trainable_state()
+            # A validation split too small to have both classes gives no AUROC: that epoch ranks last, and
+            # with no AUROC in any epoch the last epoch is kept.
+            score = val_auroc if aurocs else -np.inf
+            if best_state is None or score > best or score == best == -np.inf:
+                best, best_state = score, model.trainable_state()
     model.load_trainable_state(best_state)
     return model, history
 
 
+def save_trainable_state(model: OutcomeModel, path: Path) -> Path:
+    """The trained arrays (adapters, tower, fusion, heads; not the encoder), atomically, for audits and reuse."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, tmp)
+    tmp.replace(path)
+    return path
+
+
 def run_central(args: argparse.Namespace) -> dict:
     config = config_from_args(args)
-    started = time.perf_counter()
-    console = make_console()
-    cohort = load_cohort(args.data, config.seed)
-    tokenizer = load_tokenizer(config)
     out = args.out or Path("runs") / f"central-{config.modality}-{datetime.now():%Y%m%d-%H%M%S}"
     if (out / "summary.json").exists():
         raise EdfedError(f"--out {out}: already holds a finished run (summary.json); choose another folder")
-    console.print(f"central training on {cohort['site'].nunique()} sites, {len(cohort)} visits, "
-                  f"modality {config.modality}, encoder {config.encoder_dir if config.uses_text else '-'}")
-    model, history = fit_central(config, cohort[cohort["split"] == "train"], cohort[cohort["split"] == "val"],
-                                 tokenizer)
+    return train_central(config, args.data, out)
+
+
+def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.DataFrame | None = None,
+                  parts: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None, title: str | None = None,
+                  predictions: bool = False) -> dict:
+    """Train, score on the held-out visits and write OUT/summary.json (and plots): one central run.
+
+    By default every site's patient-level train/val/test split is pooled; `parts` = (train, val, test)
+    replaces them (e.g. a site left out of training and tested on). `predictions` also writes
+    OUT/predictions.parquet: each test visit's labels and predicted risks.
+    """
+    started = time.perf_counter()
+    console = make_console()
+    if cohort is None:
+        cohort = load_cohort(data_dir, config.seed)
+    train, val, test = parts or tuple(cohort[cohort["split"] == s] for s in ("train", "val", "test"))
+    tokenizer = load_tokenizer(config)
+    console.print(f"central training on {train['site'].nunique()} sites ({len(train)} training, {len(test)} test "
+                  f"visits), modality {config.modality}, encoder {config.encoder_dir if config.uses_text else '-'}")
+    model, history = fit_central(config, train, val, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
-    final, per_site = evaluate_on_test(model, cohort[cohort["split"] == "test"], tokenizer, args.data, out,
-                                       f"central, {config.modality}")
+    save_trainable_state(model, out / "model.safetensors")  # before summary.json: a finished run has its model
+    final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out, title or f"central, {config.modality}",
+                                       out / "predictions.parquet" if predictions else None)
     trainable_bytes = sum(t.numel() * t.element_size() for t in model.trainable_state().values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     summary = {
         "kind": "central",
-        "config": {**config.to_dict(), "data": str(args.data)},
+        "config": {**config.to_dict(), "data": str(data_dir)},
         "final": final,
         "per_site": per_site,
         "privacy": {},
         "communication": {"bytes_sent_per_client_round": 0, "trainable_bytes": trainable_bytes,
                           "full_model_bytes": full_bytes},
         "history": history,
-        "splits": {s: int(n) for s, n in cohort["split"].value_counts().items()},
+        "splits": {"train": len(train), "val": len(val), "test": len(test)},
         "wall_seconds": time.perf_counter() - started,
     }
     write_summary(out, summary)

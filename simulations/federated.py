@@ -98,8 +98,9 @@ def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dic
     for site, rows in cohort.groupby("site", sort=False):
         model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"], tokenizer,
                                show_progress=False)
-        final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir,
-                                    out_dir / "local-only" / site, f"local-only, {site}")
+        site_dir = out_dir / "local-only" / site
+        final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
+                                    f"local-only, {site}", site_dir / "predictions.parquet")
         results[site] = final
     return results
 
