@@ -39,7 +39,7 @@ def _refuse_cleanly(handler: Callable[[Message, Context], Message]) -> Callable[
 def _site_and_config(msg: Message, context: Context):
     message_config = dict(msg.content["config"])
     settings = settings_from_configs(dict(context.node_config), message_config)
-    config = TrainConfig(**json.loads(message_config["train-config"]))
+    config = TrainConfig.from_message(json.loads(message_config["train-config"]))
     # The encoder is the site's own copy; the fingerprint check in train_round guards the match.
     config = config.replace(model=settings.model_path) if settings.model_path else config
     return settings, config, message_config

@@ -159,9 +159,9 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     model = build_model(config, global_state)
     data = site_datasets(settings, config, model)["train"]
     loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta}
     dp = math.isfinite(settings.epsilon)
+    optimizer = make_optimizer(model, config.dp_lr if dp else config.lr, config.weight_decay)
+    metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta}
     ledger = PrivacyLedger.open(settings.ledger_path) if dp else None
     if dp:
         sample_rate = 1 / len(loader)

@@ -30,7 +30,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="note token budget per visit")
     p.add_argument("--lora-layers", type=int, default=None,
                    help="LoRA in the top N encoder layers (0 = every layer)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 central, 3e-3 federated)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -40,6 +40,8 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
     p.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
     p.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
+    p.add_argument("--dp-lr", type=float, default=None,
+                   help="learning rate of a site that trains with DP (default 1e-2)")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--ffa-lora", action="store_true", default=None,

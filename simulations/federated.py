@@ -29,7 +29,8 @@ from server.federation import DEFAULT_RUN_CONFIG, train_config_from
 _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
               "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
               "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
-              "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr"}
+              "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
+              "dp_lr": "dp-lr"}
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict:

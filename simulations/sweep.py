@@ -228,7 +228,8 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
     lines = [f"# Privacy sweep: {sweep_dir.name}", "",
              f"{settings.get('modality')} model, {settings.get('num-server-rounds')} rounds of "
              f"{settings.get('strategy')}, {settings.get('local-epochs')} local epoch(s), "
-             f"delta {settings.get('delta')}, lr {settings.get('lr')}, batch {settings.get('batch-size')}; "
+             f"delta {settings.get('delta')}, lr {settings.get('lr')} (with DP {settings.get('dp-lr')}), "
+             f"batch {settings.get('batch-size')}; "
              f"data {settings.get('data-dir')}. "
              "Metrics on the pooled held-out test split; epsilon is per site (example-level, RDP). The attack is "
              f"a loss-threshold membership inference on {settings.get('audit-site')} (train vs test visits, "

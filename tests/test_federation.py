@@ -155,6 +155,22 @@ def test_ledger_persists_across_runs_and_epsilon_accumulates(cohort, tmp_path, t
     assert state is None and third["refused"] == 1
 
 
+@pytest.mark.parametrize("epsilon", [4.0, math.inf])
+def test_a_site_trains_at_dp_lr_with_dp_and_at_lr_without(cohort, tmp_path, tiny_encoder, epsilon):
+    # The rate the site must not use is 0: AdamW then changes nothing (weight decay scales with the rate),
+    # so the weights move under the right rate and stay put when only the wrong one is non-zero.
+    used, unused = ("dp_lr", "lr") if math.isfinite(epsilon) else ("lr", "dp_lr")
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, **{used: 0.01, unused: 0.0})
+    start = _state(config)
+    state, _ = train_round(_settings(cohort, tmp_path, epsilon), config, start, run_id="r1", server_round=1,
+                           num_rounds=1, local_epochs=1)
+    assert any(not torch.equal(state[n], start[n]) for n in start)
+    idle = config.replace(**{used: 0.0, unused: 0.01})
+    state, _ = train_round(_settings(cohort, tmp_path / "idle", epsilon), idle, start, run_id="r2", server_round=1,
+                           num_rounds=1, local_epochs=1)
+    assert all(torch.equal(state[n], start[n]) for n in start)
+
+
 def test_reported_epsilon_matches_google_dp_accounting():
     import dp_accounting
 
@@ -243,6 +259,13 @@ def test_a_site_that_breaks_the_contract_does_not_join_and_the_run_goes_on(cohor
     notes = pd.read_parquet(cohort / "site-3.parquet")["note_physician"].dropna()
     snippets = [line for note in notes for line in note.splitlines() if len(line) > 30]
     assert snippets and not any(line in json.dumps(summary) for line in snippets)
+
+
+def test_a_site_names_training_settings_its_edfed_does_not_know():
+    sent = {**TrainConfig().to_dict(), "future_knob": 1}  # a newer server's setting
+    with pytest.raises(EdfedError, match=r"does not know \(future_knob\).*different edfed versions"):
+        TrainConfig.from_message(sent)
+    assert TrainConfig.from_message(TrainConfig(lr=0.5).to_dict()).lr == 0.5
 
 
 def test_too_few_sites_passing_the_check_stops_the_run(cohort, tmp_path, tiny_encoder):
