@@ -90,8 +90,8 @@ class TrainConfig:
         """The server's training settings, as a site reads them; a newer server's new key is named, not a crash."""
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise EdfedError(f"the server sent training settings this site's edfed does not know ({', '.join(unknown)}):"
-                             " server and site run different edfed versions; update the site's")
+            raise EdfedError(f"the server sent training settings this site's edfed does not know "
+                             f"({', '.join(unknown)}): server and site run different edfed versions; update the site's")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
