@@ -61,7 +61,8 @@ def train(msg: Message, context: Context) -> Message:
         settings, config, msg.content["arrays"].to_torch_state_dict(), run_id=str(cfg["run-id"]),
         server_round=int(cfg["server-round"]) + int(cfg.get("round-offset", 0)), num_rounds=int(cfg["num-rounds"]),
         local_epochs=int(cfg["local-epochs"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-        max_grad_norm=float(cfg["max-grad-norm"]), expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
+        max_grad_norm=float(cfg["max-grad-norm"]), dp_clipping=str(cfg.get("dp-clipping", "per-layer")),
+        expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if state is not None:
         content["arrays"] = ArrayRecord(state)

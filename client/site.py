@@ -152,7 +152,8 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
 
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
                 run_id: str, server_round: int, num_rounds: int, local_epochs: int, proximal_mu: float = 0.0,
-                max_grad_norm: float = 1.0, expected_fingerprint: str = "") -> tuple[dict | None, dict]:
+                max_grad_norm: float = 1.0, dp_clipping: str = "per-layer",
+                expected_fingerprint: str = "") -> tuple[dict | None, dict]:
     """One round at the site: (new trainable state or None if the round is refused, scalar metrics)."""
     round_started = time.perf_counter()
     check_encoder(config, expected_fingerprint)
@@ -174,7 +175,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
             return None, {**metrics, "refused": 1, "epsilon": ledger.spent(settings.delta),
                           "epsilon-projected": after, "steps": 0, "num-examples": 0}
         optimizer, loader, accountant = make_private(model, optimizer, loader, noise, max_grad_norm,
-                                                     seed=config.seed * 1000 + server_round)
+                                                     seed=config.seed * 1000 + server_round, clipping=dp_clipping)
     started = time.perf_counter()
     before = {n: t for n, t in model.trainable_state().items() if "lora_" in n}
     losses = [train_epoch(model, loader, optimizer, proximal_mu=proximal_mu, global_state=global_state)["loss"]

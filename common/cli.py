@@ -42,6 +42,8 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
     p.add_argument("--dp-lr", type=float, default=None,
                    help="learning rate of a site that trains with DP (default 1e-2)")
+    p.add_argument("--dp-clipping", choices=["per-layer", "flat"], default=None,
+                   help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--ffa-lora", action="store_true", default=None,

@@ -90,8 +90,18 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
 
-def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, seed: int):
+CLIPPING = ("per-layer", "flat")
+
+
+def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float, seed: int,
+                 clipping: str = "per-layer"):
     """Wrap the same model, optimizer and loader for DP-SGD (Poisson sampling, per-example clipping).
+
+    `clipping="per-layer"` clips each trainable tensor's per-example gradient to max_grad_norm / sqrt(n)
+    (n tensors), so the thresholds' L2 norm, the sensitivity, is still max_grad_norm: the same noise
+    and the same epsilon as flat clipping. Flat clipping lets the largest gradients take the whole budget:
+    per visit, the text projection's is ~14 and the structured tower's ~0.9 (MiniLM, default cohort), so
+    after clipping the structured branch kept ~6% of its signal under the same noise (README, Federated).
 
     Returns (optimizer, loader, accountant). The model stays unwrapped (hooks only), so the
     trainable state keeps its names. The accountant starts empty: the ledger holds the past.
@@ -99,10 +109,16 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
     import torch
     from opacus import PrivacyEngine
 
+    if clipping not in CLIPPING:
+        raise EdfedError(f"dp-clipping must be one of {', '.join(CLIPPING)}, got {clipping!r}")
+    n_tensors = sum(len(group["params"]) for group in optimizer.param_groups)
+    thresholds = ([max_grad_norm / math.sqrt(n_tensors)] * n_tensors if clipping == "per-layer"
+                  else max_grad_norm)
     model.train()  # Opacus' hooks see nothing in eval mode
     engine = PrivacyEngine(accountant="rdp")
     _, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+        max_grad_norm=thresholds, clipping="per_layer" if clipping == "per-layer" else "flat",
+        poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
         noise_generator=torch.Generator().manual_seed(seed))
     return optimizer, loader, engine.accountant

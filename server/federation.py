@@ -43,6 +43,7 @@ DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
     "epsilon": 8.0,
     "delta": 1e-5,
     "max-grad-norm": 1.0,
+    "dp-clipping": "per-layer",  # or "flat" (common.privacy.make_private says why per-layer)
     "num-sites": 6,
     "min-sites": 2,
     "round-timeout": 1800,
@@ -316,6 +317,7 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
         "train-config": json.dumps({k: v for k, v in config.to_dict().items() if k != "extra"}),
         "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
+        "dp-clipping": str(run_config["dp-clipping"]),
         "encoder-fingerprint": fingerprint, "site-epsilon": float(run_config["epsilon"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),

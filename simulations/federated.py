@@ -30,7 +30,7 @@ _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "st
               "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
               "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
               "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
-              "dp_lr": "dp-lr"}
+              "dp_lr": "dp-lr", "dp_clipping": "dp-clipping"}
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict:

@@ -353,3 +353,36 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
         if p.requires_grad:
             torch.testing.assert_close(p.grad_sample.mean(0), reference[name], atol=1e-5, rtol=1e-4)
     hooked._close()
+
+
+@pytest.mark.parametrize("clipping", ["per-layer", "flat"])
+def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, tiny_encoder, clipping):
+    """Per-layer: each tensor's clipped gradient stays under C/sqrt(n), the thresholds' L2 norm is C (so the
+    noise and epsilon are unchanged). Flat clipping lets some tensor take more: the check can tell them apart."""
+    from client.site import build_model
+    from common.data import VisitDataset
+    from common.features import load_tokenizer
+    from common.privacy import make_private
+    from common.train import make_loader, make_optimizer
+
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, cache_frozen=False)
+    model = build_model(config, None)
+    model.fusion[2].p = 0.0
+    data = VisitDataset(pd.read_parquet(cohort / "site-1.parquet").assign(site="site-1"), load_tokenizer(config),
+                        config)
+    optimizer, loader, _ = make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 32, True),
+                                        noise_multiplier=0.0, max_grad_norm=1.0, seed=0, clipping=clipping)
+    batch = next(b for b in loader if len(b["labels"]))
+    model.training_loss(batch).mean().backward()
+    optimizer.step()  # lr 0: only the clipped, averaged gradient is left in .grad
+    params = [p for p in model.parameters() if p.requires_grad]
+    threshold = 1.0 / math.sqrt(len(params)) * len(batch["labels"]) / optimizer.expected_batch_size
+    norms = torch.stack([p.grad.norm() for p in params])
+    if clipping == "per-layer":
+        assert math.isclose(math.hypot(*optimizer.max_grad_norms), 1.0)
+        assert optimizer.max_grad_norm == pytest.approx(1.0)  # what the noise is scaled by
+        assert (norms <= threshold * (1 + 1e-4)).all()
+    else:
+        assert (norms > threshold).any()
+    with pytest.raises(EdfedError, match="dp-clipping"):
+        make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 32, True), 1.0, 1.0, 0, "groupwise")
