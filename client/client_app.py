@@ -62,7 +62,8 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(cfg["server-round"]) + int(cfg.get("round-offset", 0)), num_rounds=int(cfg["num-rounds"]),
         local_epochs=int(cfg["local-epochs"]), proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         max_grad_norm=float(cfg["max-grad-norm"]), dp_clipping=str(cfg.get("dp-clipping", "per-layer")),
-        expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
+        expected_fingerprint=str(cfg.get("encoder-fingerprint", "")),
+        expected_frozen=str(cfg.get("frozen-fingerprint", "")))
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if state is not None:
         content["arrays"] = ArrayRecord(state)

@@ -19,7 +19,7 @@ import torch
 from common.config import TrainConfig
 from common.data import VisitDataset, load_site_splits
 from common.errors import EdfedError
-from common.exchange import encoder_fingerprint
+from common.exchange import encoder_fingerprint, frozen_init_fingerprint
 from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
@@ -153,11 +153,14 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
                 run_id: str, server_round: int, num_rounds: int, local_epochs: int, proximal_mu: float = 0.0,
                 max_grad_norm: float = 1.0, dp_clipping: str = "per-layer",
-                expected_fingerprint: str = "") -> tuple[dict | None, dict]:
+                expected_fingerprint: str = "", expected_frozen: str = "") -> tuple[dict | None, dict]:
     """One round at the site: (new trainable state or None if the round is refused, scalar metrics)."""
     round_started = time.perf_counter()
     check_encoder(config, expected_fingerprint)
     model = build_model(config, global_state)
+    if expected_frozen and frozen_init_fingerprint(model) != expected_frozen:
+        raise EdfedError("this site's seeded frozen matrices (FFA-LoRA A, frozen text projection) differ from the "
+                         "server's (another torch version?); refusing to train")
     data = site_datasets(settings, config, model)["train"]
     loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
     dp = math.isfinite(settings.epsilon)

@@ -136,12 +136,13 @@ def load_run_model(run_dir: Path, config: TrainConfig) -> tuple[OutcomeModel, st
         from peft import set_peft_model_state_dict
 
         source = adapter
-        state = model.trainable_state()
-        state.update(load_file(adapter / "edfed_heads.safetensors"))
+        heads = load_file(adapter / "edfed_heads.safetensors")
+        missing = set(model.trainable_state()) - set(heads)
+        if any("lora_" not in name for name in missing):
+            raise EdfedError(f"{adapter}: edfed_heads.safetensors lacks {sorted(missing)[:3]}")
+        model.load_state_dict(heads, strict=False)  # the encoder's weights are the base model's
         if model.encoder is not None:
             set_peft_model_state_dict(model.encoder, load_file(adapter / "adapter_model.safetensors"))
-            state.update({k: v for k, v in model.trainable_state().items() if "lora_" in k})
-        model.load_trainable_state(state)
     else:
         raise EdfedError(f"{run_dir}: no trained model (model.safetensors, checkpoints/ or adapter/) to audit")
     return model, str(source.relative_to(run_dir))

@@ -46,8 +46,10 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
                    help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
-    p.add_argument("--ffa-lora", action="store_true", default=None,
+    p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+    p.add_argument("--compact", choices=["auto", "true", "false"], default=None,
+                   help="train only LoRA B, the structured tower and the heads (default auto: with DP)")
 
 
 def build_parser() -> argparse.ArgumentParser:

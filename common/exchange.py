@@ -33,6 +33,20 @@ def encoder_fingerprint(encoder_dir: Path) -> str:
     return _FINGERPRINTS[key]
 
 
+def frozen_init_fingerprint(model) -> str:
+    """sha256 of the seeded matrices that never train or travel (FFA-LoRA's A, a frozen text projection).
+
+    Each site rebuilds them from the run's seed; a different torch could draw other numbers, and the
+    averaged B matrices would then be wrong at that site without any error. The server sends this.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if not param.requires_grad and ("lora_" in name or not name.startswith("encoder.")):
+            digest.update(name.encode())
+            digest.update(param.detach().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def update_problem(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> str | None:
     """Why an update cannot be aggregated (wrong keys, wrong shapes, NaN/Inf), or None if it is fine."""
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))

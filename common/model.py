@@ -73,7 +73,7 @@ class OutcomeModel(nn.Module):
             # branch dominates the fusion layer by sheer number of inputs.
             self.text_proj = nn.Sequential(nn.LayerNorm(base.config.hidden_size),
                                            nn.Linear(base.config.hidden_size, STRUCT_DIM), nn.GELU())
-            if config.ffa_lora:  # every site seeds A identically, so only B needs averaging (exactly)
+            if config.ffa_lora or config.compact:  # every site seeds A identically: only B needs averaging
                 for name, param in self.encoder.named_parameters():
                     if "lora_A" in name:
                         param.requires_grad_(False)
@@ -90,6 +90,10 @@ class OutcomeModel(nn.Module):
         self.aux_heads = None
         if config.modality == "multimodal" and config.aux_weight > 0:
             self.aux_heads = nn.ModuleList([nn.Linear(STRUCT_DIM, len(OUTCOMES)) for _ in range(2)])
+        if config.compact:  # seeded identically everywhere, like FFA's A: never trained or sent
+            for frozen in (getattr(self, "text_proj", None), self.fusion):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
 
     # --- the encoder, in two halves ---------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
-from common.exchange import encoder_fingerprint, state_bytes, update_problem
+from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_bytes, update_problem
 from common.features import structured_feature_names
 from common.model import OutcomeModel
 
@@ -40,6 +40,9 @@ DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
     "proximal-mu": 0.01,
     "server-lr": 0.01,
     "ffa-lora": False,
+    # "auto": compact (TrainConfig.compact) when the run's sites train with DP (epsilon < inf), else not;
+    # in deployment, where each site's node config sets its budget, set it to true or false explicitly.
+    "compact": "auto",
     "epsilon": 8.0,
     "delta": 1e-5,
     "max-grad-norm": 1.0,
@@ -72,7 +75,13 @@ _TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_toke
 
 
 def train_config_from(run_config: dict) -> TrainConfig:
-    return TrainConfig(**{field: run_config[key] for key, field in _TRAIN_KEYS.items() if key in run_config})
+    compact = str(run_config.get("compact", "auto")).lower()
+    if compact not in ("auto", "true", "false"):
+        raise EdfedError(f"compact must be auto, true or false, got {run_config['compact']!r}")
+    if compact == "auto":
+        compact = str(math.isfinite(float(run_config.get("epsilon", math.inf)))).lower()
+    return TrainConfig(compact=compact == "true",
+                       **{field: run_config[key] for key, field in _TRAIN_KEYS.items() if key in run_config})
 
 
 class CheckedAggregation:
@@ -286,7 +295,9 @@ class RunFolder:
         model.load_trainable_state(state)
         if model.encoder is not None:
             model.encoder.save_pretrained(self.path / "adapter")
-        heads = {k: v.contiguous() for k, v in state.items() if "lora_" not in k}
+        # Everything outside the encoder, frozen parts too (a frozen text projection is the seeded one, but the
+        # adapter folder should not depend on torch reproducing that seed).
+        heads = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("encoder.")}
         (self.path / "adapter").mkdir(exist_ok=True)
         save_file(heads, self.path / "adapter" / "edfed_heads.safetensors")
 
@@ -318,7 +329,8 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
         "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
         "dp-clipping": str(run_config["dp-clipping"]),
-        "encoder-fingerprint": fingerprint, "site-epsilon": float(run_config["epsilon"]),
+        "encoder-fingerprint": fingerprint, "frozen-fingerprint": frozen_init_fingerprint(model),
+        "site-epsilon": float(run_config["epsilon"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),
     })

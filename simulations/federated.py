@@ -29,6 +29,7 @@ from server.federation import DEFAULT_RUN_CONFIG, train_config_from
 _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
               "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
               "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
+              "compact": "compact",
               "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
               "dp_lr": "dp-lr", "dp_clipping": "dp-clipping"}
 

@@ -294,14 +294,16 @@ def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_other_strategies_run_and_ffa_lora_sends_only_b(cohort, tmp_path, tiny_encoder, strategy):
+def test_other_strategies_run_and_frozen_parts_never_travel(cohort, tmp_path, tiny_encoder, strategy):
     grid = InProcessGrid(_sim_nodes())
-    summary = run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, strategy=strategy,
-                                               **{"num-server-rounds": 1, "ffa-lora": True}), pooled=False)
+    run_config = _run_config(cohort, tmp_path / "run", tiny_encoder, strategy=strategy,
+                             **{"num-server-rounds": 1, "compact": True})
+    summary = run_federation(grid, run_config, pooled=False)
     assert summary["config"]["strategy"] == strategy and not summary["rejected_updates"]
     for reply in (r for r in grid.replies if r.metadata.message_type == "train"):
         names = set(reply.content["arrays"].keys())
-        assert any("lora_B" in n for n in names) and not any("lora_A" in n for n in names)
+        assert any("lora_B" in n for n in names) and any("struct_tower" in n for n in names)
+        assert not any("lora_A" in n or "text_proj" in n or "fusion" in n for n in names)
 
 
 def test_proximal_step_pulls_towards_the_global_model(cohort, tiny_encoder):
@@ -386,3 +388,31 @@ def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, 
         assert (norms > threshold).any()
     with pytest.raises(EdfedError, match="dp-clipping"):
         make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 32, True), 1.0, 1.0, 0, "groupwise")
+
+
+def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp_path, tiny_encoder):
+    from client.site import build_model
+    from common.exchange import frozen_init_fingerprint
+
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, compact=True)
+    server_side = frozen_init_fingerprint(build_model(config, None))
+    assert server_side == frozen_init_fingerprint(build_model(config, None))  # rebuilt from the seed: the same
+    assert server_side != frozen_init_fingerprint(build_model(config.replace(seed=1), None))
+    settings = _settings(cohort, tmp_path, math.inf)
+    state, _ = train_round(settings, config, _state(config), run_id="r", server_round=1, num_rounds=1,
+                           local_epochs=1, expected_frozen=server_side)
+    assert state is not None
+    with pytest.raises(EdfedError, match="frozen matrices"):
+        train_round(settings, config, _state(config), run_id="r", server_round=1, num_rounds=1, local_epochs=1,
+                    expected_frozen=frozen_init_fingerprint(build_model(config.replace(seed=1), None)))
+
+
+def test_compact_auto_follows_the_runs_privacy_setting():
+    from server.federation import DEFAULT_RUN_CONFIG, train_config_from
+
+    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0}).compact
+    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf}).compact
+    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0, "compact": False}).compact
+    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf, "compact": "true"}).compact
+    with pytest.raises(EdfedError, match="compact must be"):
+        train_config_from({**DEFAULT_RUN_CONFIG, "compact": "sometimes"})
