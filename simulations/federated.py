@@ -92,7 +92,8 @@ def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dic
     """Each site's model trained on its own data alone (same code and epochs), on its own test split."""
     from simulations.central import fit_central
 
-    config = train_config_from(run_config).replace(
+    # Trained without DP, so `compact: auto` resolves as for a run without DP.
+    config = train_config_from({**run_config, "epsilon": math.inf}).replace(
         epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
     cohort = load_cohort(data_dir, config.seed)
     tokenizer = load_tokenizer(config)
