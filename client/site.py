@@ -159,8 +159,8 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     check_encoder(config, expected_fingerprint)
     model = build_model(config, global_state)
     if expected_frozen and frozen_init_fingerprint(model) != expected_frozen:
-        raise EdfedError("this site's seeded frozen matrices (FFA-LoRA A, frozen text projection) differ from the "
-                         "server's (another torch version?); refusing to train")
+        raise EdfedError("this site's seeded frozen matrices (LoRA A; with compact also the text projection and "
+                         "fusion layer) differ from the server's (another torch version?); refusing to train")
     data = site_datasets(settings, config, model)["train"]
     loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
     dp = math.isfinite(settings.epsilon)

@@ -34,7 +34,7 @@ def encoder_fingerprint(encoder_dir: Path) -> str:
 
 
 def frozen_init_fingerprint(model) -> str:
-    """sha256 of the seeded matrices that never train or travel (FFA-LoRA's A, a frozen text projection).
+    """sha256 of the seeded matrices that never train or travel (FFA-LoRA's A; compact: also text projection, fusion).
 
     Each site rebuilds them from the run's seed; a different torch could draw other numbers, and the
     averaged B matrices would then be wrong at that site without any error. The server sends this.

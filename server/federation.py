@@ -295,8 +295,8 @@ class RunFolder:
         model.load_trainable_state(state)
         if model.encoder is not None:
             model.encoder.save_pretrained(self.path / "adapter")
-        # Everything outside the encoder, frozen parts too (a frozen text projection is the seeded one, but the
-        # adapter folder should not depend on torch reproducing that seed).
+        # Everything outside the encoder, frozen parts too (compact's frozen projection and fusion are the seeded
+        # ones, but the adapter folder should not depend on torch reproducing that seed).
         heads = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("encoder.")}
         (self.path / "adapter").mkdir(exist_ok=True)
         save_file(heads, self.path / "adapter" / "edfed_heads.safetensors")
