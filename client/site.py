@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ class SiteSettings:
     cache_dir: Path | None = None
     mapping: Path | None = None
     model_path: str = ""  # the site's copy of the encoder; "" = the packaged default
+    # DP-SGD's randomness (Poisson sampling and noise) must be the site's own secret: whoever can replay it can
+    # strip the noise, and noise shared by sites would not average out. None (deployment default): fresh OS
+    # entropy every round. A site may set its own `dp-seed` to replay its runs; simulation uses the site's name.
+    dp_seed: str | None = None
 
     @property
     def site_index(self) -> int:
@@ -64,7 +69,8 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
             epsilon=float(node_config.get("epsilon", message_config.get("site-epsilon", math.inf))),
             delta=float(node_config.get("delta", message_config.get("site-delta", 1e-5))),
             ledger_path=ledger, cache_dir=Path(str(cache)) if cache else None,
-            mapping=Path(str(mapping)) if mapping else None, model_path=str(node_config.get("model-path", "")))
+            mapping=Path(str(mapping)) if mapping else None, model_path=str(node_config.get("model-path", "")),
+            dp_seed=str(node_config["dp-seed"]) if "dp-seed" in node_config else None)
     if "partition-id" not in node_config or "data-dir" not in message_config:
         raise EdfedError("this node has no `data-path` in its node config; start it with "
                          "--node-config 'data-path=\"/path/to/site.parquet\"'")
@@ -76,7 +82,7 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
     ledger_dir = Path(str(message_config.get("ledger-dir") or run_dir / "ledgers"))
     return SiteSettings(name=name, data_path=data_path, epsilon=float(message_config.get("site-epsilon", math.inf)),
                         delta=float(message_config.get("site-delta", 1e-5)), ledger_path=ledger_dir / f"{name}.json",
-                        cache_dir=run_dir / "cache", model_path=str(message_config.get("model", "")))
+                        cache_dir=run_dir / "cache", model_path=str(message_config.get("model", "")), dp_seed=name)
 
 
 # Datasets with their frozen-layer output, kept in this process across rounds (simulation reuses
@@ -150,6 +156,14 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
     return metrics
 
 
+def dp_rng_seed(settings: SiteSettings, config: TrainConfig, server_round: int) -> int:
+    """The seed of one round's DP sampling and noise: secret to the site, never the same at two sites."""
+    if settings.dp_seed is None:
+        return secrets.randbits(62)
+    digest = hashlib.sha256(f"{settings.dp_seed}:{config.seed}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
                 run_id: str, server_round: int, num_rounds: int, local_epochs: int, proximal_mu: float = 0.0,
                 max_grad_norm: float = 1.0, dp_clipping: str = "per-layer",
@@ -162,8 +176,10 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
         raise EdfedError("this site's seeded frozen matrices (LoRA A; with compact also the text projection and "
                          "fusion layer) differ from the server's (another torch version?); refusing to train")
     data = site_datasets(settings, config, model)["train"]
-    loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
     dp = math.isfinite(settings.epsilon)
+    # Without DP the shuffle is a public, reproducible function of the run; with DP it is the site's secret.
+    shuffle_seed = dp_rng_seed(settings, config, server_round) if dp else config.seed * 1000 + server_round
+    loader = make_loader(data, config.batch_size, shuffle=True, seed=shuffle_seed)
     optimizer = make_optimizer(model, config.dp_lr if dp else config.lr, config.weight_decay)
     metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta}
     ledger = PrivacyLedger.open(settings.ledger_path) if dp else None
@@ -178,7 +194,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
             return None, {**metrics, "refused": 1, "epsilon": ledger.spent(settings.delta),
                           "epsilon-projected": after, "steps": 0, "num-examples": 0}
         optimizer, loader, accountant = make_private(model, optimizer, loader, noise, max_grad_norm,
-                                                     seed=config.seed * 1000 + server_round, clipping=dp_clipping)
+                                                     seed=shuffle_seed + 1, clipping=dp_clipping)
     started = time.perf_counter()
     before = {n: t for n, t in model.trainable_state().items() if "lora_" in n}
     losses = [train_epoch(model, loader, optimizer, proximal_mu=proximal_mu, global_state=global_state)["loss"]

@@ -155,6 +155,31 @@ def test_ledger_persists_across_runs_and_epsilon_accumulates(cohort, tmp_path, t
     assert state is None and third["refused"] == 1
 
 
+def test_dp_noise_is_each_sites_secret_and_replays_only_from_its_own_seed(cohort, tmp_path, tiny_encoder):
+    # Same data, same global state, same round: only the site's DP randomness can make the updates differ.
+    # Before the fix every site seeded its noise from the run's seed, so all six added the same noise (it never
+    # averaged out) and the server, which sets that seed, could replay it.
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
+    start = _state(config)
+
+    def update(name: str, dp_seed: str | None, ledger: str) -> dict[str, torch.Tensor]:
+        settings = SiteSettings(name=name, data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
+                                ledger_path=tmp_path / f"{ledger}.json", dp_seed=dp_seed)
+        state, metrics = train_round(settings, config, start, run_id="r1", server_round=1, num_rounds=1,
+                                     local_epochs=1)
+        assert metrics["refused"] == 0
+        return state
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[n], b[n]) for n in a)
+
+    site_1 = update("site-1", "site-1", "a")
+    assert same(site_1, update("site-1", "site-1", "b"))  # a site's own seed replays its run
+    assert not same(site_1, update("site-2", "site-2", "c"))  # another site draws other noise
+    unseeded = update("site-1", None, "d")  # deployment default: fresh entropy every round
+    assert not same(unseeded, update("site-1", None, "e")) and not same(unseeded, site_1)
+
+
 @pytest.mark.parametrize("epsilon", [4.0, math.inf])
 def test_a_site_trains_at_dp_lr_with_dp_and_at_lr_without(cohort, tmp_path, tiny_encoder, epsilon):
     # The rate the site must not use is 0: AdamW then changes nothing (weight decay scales with the rate),
