@@ -156,12 +156,16 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
     return metrics
 
 
-def dp_rng_seed(settings: SiteSettings, config: TrainConfig, server_round: int) -> int:
-    """The seed of one round's DP sampling and noise: secret to the site, never the same at two sites."""
+def dp_rng_seed(settings: SiteSettings, config: TrainConfig, server_round: int, earlier_runs: int) -> int:
+    """The seed of one round's DP sampling and noise: secret to the site, never the same at two sites.
+
+    With a `dp_seed`, a later run on the same ledger (`earlier_runs` > 0) draws fresh noise: the same noise on
+    other gradients would cancel in the difference of the two runs' updates.
+    """
     if settings.dp_seed is None:
         return secrets.randbits(62)
-    digest = hashlib.sha256(f"{settings.dp_seed}:{config.seed}:{server_round}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 2
+    key = f"{settings.dp_seed}:{config.seed}:{server_round}" + (f":{earlier_runs}" if earlier_runs else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 2
 
 
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
@@ -177,12 +181,13 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
                          "fusion layer) differ from the server's (another torch version?); refusing to train")
     data = site_datasets(settings, config, model)["train"]
     dp = math.isfinite(settings.epsilon)
+    ledger = PrivacyLedger.open(settings.ledger_path) if dp else None
     # Without DP the shuffle is a public, reproducible function of the run; with DP it is the site's secret.
-    shuffle_seed = dp_rng_seed(settings, config, server_round) if dp else config.seed * 1000 + server_round
+    shuffle_seed = (dp_rng_seed(settings, config, server_round, len(set(ledger.plans) - {run_id})) if dp
+                    else config.seed * 1000 + server_round)
     loader = make_loader(data, config.batch_size, shuffle=True, seed=shuffle_seed)
     optimizer = make_optimizer(model, config.dp_lr if dp else config.lr, config.weight_decay)
     metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta}
-    ledger = PrivacyLedger.open(settings.ledger_path) if dp else None
     if dp:
         sample_rate = 1 / len(loader)
         steps = local_epochs * len(loader)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
-from client.site import SiteSettings, train_round
+from client.site import SiteSettings, dp_rng_seed, train_round
 from common.config import TrainConfig
 from common.errors import EdfedError
 from common.privacy import PrivacyLedger, epsilon_of
@@ -178,6 +178,10 @@ def test_dp_noise_is_each_sites_secret_and_replays_only_from_its_own_seed(cohort
     assert not same(site_1, update("site-2", "site-2", "c"))  # another site draws other noise
     unseeded = update("site-1", None, "d")  # deployment default: fresh entropy every round
     assert not same(unseeded, update("site-1", None, "e")) and not same(unseeded, site_1)
+    # A later run on the same ledger does not reuse the seeded noise: it would cancel between the two runs.
+    seeded = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
+                          ledger_path=tmp_path / "a.json", dp_seed="site-1")
+    assert dp_rng_seed(seeded, config, 1, earlier_runs=0) != dp_rng_seed(seeded, config, 1, earlier_runs=1)
 
 
 @pytest.mark.parametrize("epsilon", [4.0, math.inf])
