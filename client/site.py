@@ -160,7 +160,8 @@ def dp_rng_seed(settings: SiteSettings, config: TrainConfig, server_round: int, 
     """The seed of one round's DP sampling and noise: secret to the site, never the same at two sites.
 
     With a `dp_seed`, a later run on the same ledger (`earlier_runs` > 0) draws fresh noise: the same noise on
-    other gradients would cancel in the difference of the two runs' updates.
+    other gradients would cancel in the difference of the two runs' updates. A first run's key has no suffix, so
+    it matches the runs the README quotes.
     """
     if settings.dp_seed is None:
         return secrets.randbits(62)
