@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the sites' privacy ledgers here (default: inside the run folder)")
     sim.add_argument("--local-baselines", action="store_true",
                      help="also train each site's local-only model as a baseline")
+    sim.add_argument("--personalize", action="store_true",
+                     help="also fine-tune the global model at each site on its own data (no DP: it stays at the site)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")

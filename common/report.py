@@ -25,7 +25,7 @@ SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
 _KNOWN_KEYS = {"kind", "run_id", "config", "final", "per_site", "privacy", "communication", "rounds",
                "site_reports", "rejected_updates", "client_train_seconds", "client_step_seconds", "num_rounds",
                "wall_seconds", "wall_seconds_total", "federation_overhead", "history", "splits", "local_only",
-               "subgroups", "sites", "refused_sites"}
+               "personalized", "subgroups", "sites", "refused_sites"}
 _SKIP_DIRS = {"cache", "checkpoints", "adapter", "ledgers", "oracle"}
 
 
@@ -226,6 +226,9 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
     if summary.get("local_only"):
         lines += ["## Each site alone (local-only model, no federation)", "",
                   *cell_table(summary["local_only"], "site")]
+    if summary.get("personalized"):
+        lines += ["## The global model fine-tuned at each site (personalized, no DP, stays at the site)", "",
+                  *cell_table(summary["personalized"], "site")]
     if summary.get("subgroups"):
         lines += nested_metrics("Subgroups", summary["subgroups"], level=2)
     for key, value in summary.items():  # anything else that holds metrics, e.g. added by newer code

@@ -40,20 +40,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
-                show_progress: bool = True) -> tuple[OutcomeModel, list[dict]]:
-    """Train on `train`, keeping the epoch with the best mean validation AUROC."""
+                show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
+                ) -> tuple[OutcomeModel, list[dict]]:
+    """Train on `train`, keeping the epoch with the best mean validation AUROC.
+
+    From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
+    epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
+    """
     torch.manual_seed(config.seed)
     model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    if initial_state is not None:
+        model.load_trainable_state(initial_state)
     train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
     history, best, best_state = [], -np.inf, None
     with progress_bar(show_progress) as progress:
         cache_frozen_layers(model, train_set, progress=progress)
         cache_frozen_layers(model, val_set, progress=progress)
         optimizer = make_optimizer(model, config.lr, config.weight_decay)
-        for epoch in range(config.epochs):
-            loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
-            stats = train_epoch(model, loader, optimizer, progress=progress,
-                                description=f"epoch {epoch + 1}/{config.epochs}")
+        for epoch in range(0 if initial_state is None else -1, config.epochs):
+            stats = {}
+            if epoch >= 0:
+                loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
+                stats = train_epoch(model, loader, optimizer, progress=progress,
+                                    description=f"epoch {epoch + 1}/{config.epochs}")
             val_metrics = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
             aurocs = [m["auroc"] for m in val_metrics.values() if not np.isnan(m["auroc"])]
             val_auroc = float(np.mean(aurocs)) if aurocs else float("nan")

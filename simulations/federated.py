@@ -1,7 +1,8 @@
 """`edfed simulate`: the six sites as virtual SuperNodes in Flower's simulation engine, on one machine.
 
 The ServerApp and ClientApp are the deployed ones; only the transport differs. After the
-federation, each site's local-only model (same code, its own data alone) is trained as a baseline.
+federation, each site's local-only model (same code, its own data alone) is trained as a baseline, and
+the global model can be fine-tuned at each site (`--personalize`).
 """
 
 from __future__ import annotations
@@ -90,20 +91,44 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
 
 def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
     """Each site's model trained on its own data alone (same code and epochs), on its own test split."""
+    # Trained without DP, so `compact: auto` resolves as for a run without DP.
+    config = train_config_from({**run_config, "epsilon": math.inf})
+    return _fit_at_each_site(config, run_config, data_dir, out_dir / "local-only", "local-only")
+
+
+def personalized_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
+    """The final global model fine-tuned at each site on its own data, scored on that site's test split.
+
+    No DP: the fine-tuned model never leaves the site, and neither does anything computed from it. It has the
+    global model's own shape (`compact` as in the run), and validation picks among its epochs and the untouched
+    global model, so a site keeps the federation's model when its own data cannot improve it.
+    """
+    from safetensors.torch import load_file
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"), key=lambda p: int(p.stem[6:]))
+    if not checkpoints:
+        raise EdfedError(f"{run_dir}: no global model checkpoint to personalize")
+    config = train_config_from(run_config)
+    return _fit_at_each_site(config, run_config, data_dir, run_dir / "personalized", "personalized",
+                             initial_state=load_file(checkpoints[-1]))
+
+
+def _fit_at_each_site(config, run_config: dict, data_dir: Path, out_dir: Path, label: str,
+                      initial_state: dict | None = None) -> dict:
     from simulations.central import fit_central
 
-    # Trained without DP, so `compact: auto` resolves as for a run without DP.
-    config = train_config_from({**run_config, "epsilon": math.inf}).replace(
-        epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
+    # As many epochs over its data as the site gave the federation.
+    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    config = config.replace(epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
     cohort = load_cohort(data_dir, config.seed)
     tokenizer = load_tokenizer(config)
     results = {}
     for site, rows in cohort.groupby("site", sort=False):
         model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"], tokenizer,
-                               show_progress=False)
-        site_dir = out_dir / "local-only" / site
+                               show_progress=False, initial_state=initial_state)
+        site_dir = out_dir / site
         final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
-                                    f"local-only, {site}", site_dir / "predictions.parquet")
+                                    f"{label}, {site}", site_dir / "predictions.parquet")
         results[site] = final
     return results
 
@@ -136,6 +161,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
     run_dir = Path(str(run_config["run-dir"]))
     if getattr(args, "local_baselines", False):
         summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
+    if getattr(args, "personalize", False):
+        summary["personalized"] = personalized_models(run_config, data_dir, run_dir)
     summary["wall_seconds_total"] = time.perf_counter() - started
     summary["federation_overhead"] = summary["wall_seconds"] / max(summary["client_train_seconds"], 1e-9)
     write_summary(run_dir, summary)
