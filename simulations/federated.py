@@ -99,18 +99,22 @@ def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dic
 def personalized_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
     """The final global model fine-tuned at each site on its own data, scored on that site's test split.
 
-    No DP: the fine-tuned model never leaves the site, and neither does anything computed from it. It has the
-    global model's own shape (`compact` as in the run), and validation picks among its epochs and the untouched
-    global model, so a site keeps the federation's model when its own data cannot improve it.
+    No DP: the fine-tuned model never leaves the site, and neither does anything computed from it. So the whole
+    model trains, even where the federation kept parts frozen for DP (`compact`): those parts are the seeded
+    init, which the full model shares. Validation picks among its epochs and the untouched global model, so a
+    site keeps the federation's model when its own data cannot improve it.
     """
     from safetensors.torch import load_file
+
+    from client.site import build_model
 
     checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"), key=lambda p: int(p.stem[6:]))
     if not checkpoints:
         raise EdfedError(f"{run_dir}: no global model checkpoint to personalize")
-    config = train_config_from(run_config)
+    config = train_config_from({**run_config, "compact": False})
+    start = {**build_model(config, None).trainable_state(), **load_file(checkpoints[-1])}
     return _fit_at_each_site(config, run_config, data_dir, run_dir / "personalized", "personalized",
-                             initial_state=load_file(checkpoints[-1]))
+                             initial_state=start)
 
 
 def _fit_at_each_site(config, run_config: dict, data_dir: Path, out_dir: Path, label: str,

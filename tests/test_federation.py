@@ -448,11 +448,13 @@ def test_compact_auto_follows_the_runs_privacy_setting():
 
 
 
+
 def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
 
+    import simulations.central
     from client.site import build_model
-    from common.data import VisitDataset, load_cohort
+    from common.data import VisitDataset
     from common.features import load_tokenizer
     from common.metrics import evaluate
     from common.train import cache_frozen_layers, predict
@@ -462,33 +464,38 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
 
     run_dir = tmp_path / "run"
     run_config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1, "compact": "true"})
-    config = train_config_from(run_config).replace(epochs=1)
-    # A global model as a federation's last checkpoint leaves it: here, the seeded init moved at random.
+    config = train_config_from(run_config)
+    # A compact global model as a federation's last checkpoint holds it: here, the seeded init moved at random.
     torch.manual_seed(1)
     global_state = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(config, None).trainable_state().items()}
     (run_dir / "checkpoints").mkdir(parents=True)
     save_file(global_state, run_dir / "checkpoints" / "round-1.safetensors")
     save_file({k: v - 1 for k, v in global_state.items()}, run_dir / "checkpoints" / "round-0.safetensors")
-    rows = load_cohort(cohort, config.seed)
-    train, val = (rows[(rows["site"] == "site-1") & (rows["split"] == split)] for split in ("train", "val"))
-    tokenizer = load_tokenizer(config)
-    _, history = fit_central(config, train, val, tokenizer, show_progress=False, initial_state=global_state)
-    # Epoch 0 is the global model itself, scored untouched: fine-tuning is measured against where it began.
-    val_set = VisitDataset(val, tokenizer, config)
-    model = build_model(config, global_state)
-    cache_frozen_layers(model, val_set)
-    untouched = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert history[0]["val_auroc"] == pytest.approx({o: m["auroc"] for o, m in untouched.items()}, nan_ok=True)
 
-    import simulations.central
+    fits = []
 
-    starts = []
-    monkeypatch.setattr(simulations.central, "fit_central",
-                        lambda *a, initial_state, **kw: starts.append(initial_state) or fit_central(
-                            *a, initial_state=initial_state, **kw))
+    def recording_fit(fit_config, train, val, tokenizer, **kw):
+        model, history = fit_central(fit_config, train, val, tokenizer, **kw)
+        fits.append((fit_config, val, kw["initial_state"], history))
+        return model, history
+
+    monkeypatch.setattr(simulations.central, "fit_central", recording_fit)
     results = personalized_models(run_config, cohort, run_dir)
-    assert len(starts) == 6 and all(torch.equal(s[k], global_state[k]) for s in starts for k in global_state)
     assert set(results) == {f"site-{k}" for k in range(1, 7)}
     assert all(set(r) == {"mortality_30d", "safe_discharge", "readmission_30d"} for r in results.values())
     assert (run_dir / "personalized" / "site-1" / "predictions.parquet").exists()
+
+    # Every site starts from the last round's global model, with the whole model trainable (no DP at home).
+    full_config, val, start, history = fits[0]
+    assert len(fits) == 6 and not full_config.compact
+    assert all(torch.equal(f[2][k], global_state[k]) for f in fits for k in global_state)
+    assert set(start) > set(global_state)
+    # ...and that start is the global model itself: same predictions, scored untouched as epoch 0.
+    tokenizer = load_tokenizer(config)
+    val_set = VisitDataset(val, tokenizer, config)
+    global_model, start_model = build_model(config, global_state), build_model(full_config, start)
+    cache_frozen_layers(global_model, val_set)
+    np.testing.assert_allclose(predict(start_model, val_set), predict(global_model, val_set), atol=1e-6)
+    untouched = evaluate(val_set.labels.numpy(), predict(global_model, val_set), bootstrap=0)
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[0]["val_auroc"] == pytest.approx({o: m["auroc"] for o, m in untouched.items()}, nan_ok=True)
