@@ -127,13 +127,18 @@ def _fit_at_each_site(config, run_config: dict, data_dir: Path, out_dir: Path, l
     cohort = load_cohort(data_dir, config.seed)
     tokenizer = load_tokenizer(config)
     results = {}
-    for site, rows in cohort.groupby("site", sort=False):
-        model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"], tokenizer,
-                               show_progress=False, initial_state=initial_state)
-        site_dir = out_dir / site
-        final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
-                                    f"{label}, {site}", site_dir / "predictions.parquet")
-        results[site] = final
+    sites = cohort.groupby("site", sort=False)
+    with progress_bar() as progress:
+        task = progress.add_task(f"{label} models", total=len(sites), status="")
+        for site, rows in sites:
+            progress.update(task, status=site)
+            model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"],
+                                   tokenizer, show_progress=False, initial_state=initial_state)
+            site_dir = out_dir / site
+            final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
+                                        f"{label}, {site}", site_dir / "predictions.parquet")
+            results[site] = final
+            progress.advance(task)
     return results
 
 
