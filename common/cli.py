@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
+    pers_help = ("a site fine-tunes a finished run's global model on its own data, without DP (the result stays "
+                 "at the site), and scores it on its own test split")
+    pers = sub.add_parser("personalize", help=pers_help, description=pers_help)
+    pers.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                      help="a copy of the coordinator's run folder: run.json and checkpoints/ (no patient data)")
+    pers.add_argument("--data", type=Path, required=True, help="this site's table (DATA_CONTRACT.md)")
+    pers.add_argument("--mapping", type=Path, default=None, help="column mapping of the site's table, if any")
+    pers.add_argument("--model", type=Path, default=None,
+                      help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
+    pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
+    pers.add_argument("--out", type=Path, default=None, help="output folder (default: runs/personalized-<site>-<time>)")
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
@@ -157,6 +168,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from simulations.federated import run_simulate
 
         run_simulate(args)
+    elif args.command == "personalize":
+        from simulations.federated import run_personalize
+
+        run_personalize(args)
     elif args.command == "privacy-sweep":
         from simulations.sweep import run_sweep
 

@@ -263,6 +263,10 @@ class RunFolder:
         meta_path.write_text(json.dumps(meta, indent=1))
         return meta
 
+    def record(self, meta: dict, facts: dict) -> None:
+        meta.update(facts)
+        (self.path / "run.json").write_text(json.dumps(meta, indent=1))
+
     def save_history(self, strategy: CheckedAggregation, rounds: dict[int, dict]) -> None:
         """What the summary reports about past rounds, kept so that a resumed run's summary covers them."""
         history = {"reports": {str(k): v for k, v in strategy.reports.items()}, "rejected": strategy.rejected,
@@ -324,12 +328,14 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     strategy = make_strategy(run_config, expected)
     total_rounds = int(run_config["num-server-rounds"])
     fingerprint = encoder_fingerprint(config.encoder_dir) if config.uses_text else ""
+    # Kept with the run, so whoever builds on its global model later (`edfed personalize`) checks the same things.
+    folder.record(meta, {"encoder-fingerprint": fingerprint, "frozen-fingerprint": frozen_init_fingerprint(model)})
     train_config = ConfigRecord({
         "train-config": json.dumps({k: v for k, v in config.to_dict().items() if k != "extra"}),
         "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
         "dp-clipping": str(run_config["dp-clipping"]),
-        "encoder-fingerprint": fingerprint, "frozen-fingerprint": frozen_init_fingerprint(model),
+        "encoder-fingerprint": fingerprint, "frozen-fingerprint": meta["frozen-fingerprint"],
         "site-epsilon": float(run_config["epsilon"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),

@@ -499,3 +499,38 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
     untouched = evaluate(val_set.labels.numpy(), predict(global_model, val_set), bootstrap=0)
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[0]["val_auroc"] == pytest.approx({o: m["auroc"] for o, m in untouched.items()}, nan_ok=True)
+
+
+def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_path, tiny_encoder, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from common.cli import main
+
+    run_dir = tmp_path / "run"
+    run_federation(InProcessGrid(_sim_nodes()), _run_config(cohort, run_dir, tiny_encoder,
+                                                            **{"num-server-rounds": 1, "compact": "true"}))
+    handed = tmp_path / "from-coordinator"  # all a site gets: settings and arrays, no other site's data
+    handed.mkdir()
+    shutil.copy(run_dir / "run.json", handed)
+    shutil.copytree(run_dir / "checkpoints", handed / "checkpoints")
+    out = tmp_path / "site-2-personal"
+    assert main(["personalize", str(handed), "--data", str(cohort / "site-2.parquet"), "--model", str(tiny_encoder),
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "personalized" and set(summary["per_site"]) == {"site-2"}
+    assert set(summary["final"]) == {"mortality_30d", "safe_discharge", "readmission_30d"}
+    tuned, global_state = load_file(out / "site-2" / "model.safetensors"), load_file(
+        handed / "checkpoints" / "round-1.safetensors")
+    assert set(tuned) > set(global_state)  # the whole model, not only what travelled
+
+    # Another encoder than the run's is refused, as a training site would refuse it, and nothing is written.
+    meta = json.loads((handed / "run.json").read_text())
+    (handed / "run.json").write_text(json.dumps({**meta, "encoder-fingerprint": "0" * 16}))
+    assert main(["personalize", str(handed), "--data", str(cohort / "site-2.parquet"), "--model", str(tiny_encoder),
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "encoder" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    (handed / "run.json").unlink()
+    assert main(["personalize", str(handed), "--data", str(cohort / "site-2.parquet")]) == 2
+    assert "run.json" in capsys.readouterr().err
