@@ -447,8 +447,6 @@ def test_compact_auto_follows_the_runs_privacy_setting():
         train_config_from({**DEFAULT_RUN_CONFIG, "compact": "sometimes"})
 
 
-
-
 def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
 
