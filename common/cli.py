@@ -7,6 +7,7 @@ one-paragraph message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 central, 3e-3 federated)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    _add_precision_flag(p)
+
+
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="float format of the frozen encoder layers on this machine (default auto: bf16 only where "
+                        "the CPU has native bf16 instructions; also $EDFED_PRECISION)")
 
 
 def _add_federation_flags(p: argparse.ArgumentParser) -> None:
@@ -74,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
     central.add_argument("--epochs", type=int, default=None, help="training epochs (default 4)")
-    central.add_argument("--no-bf16", action="store_true", help="run the frozen encoder layers in fp32")
     central.add_argument("--no-cache", action="store_true",
                          help="recompute the frozen lower layers every step instead of caching them")
 
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
     pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
     pers.add_argument("--out", type=Path, default=None, help="output folder (default: runs/personalized-<site>-<time>)")
+    _add_precision_flag(pers)
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
@@ -188,6 +196,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "precision", None):  # a property of this machine: every model this process (and Ray) builds
+        os.environ["EDFED_PRECISION"] = args.precision
     try:
         _dispatch(args)
     except EdfedError as exc:

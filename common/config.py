@@ -45,8 +45,8 @@ class TrainConfig:
     # the fusion layer keep their seeded init, fixed random projections that are the same at every site. DP-SGD
     # puts noise on every trained coordinate; this cuts them from ~74k to ~20k (README, Federated).
     compact: bool = False
-    # Speed: the frozen layers below the adapters run in bf16 and their output is cached
-    bf16: bool = True
+    # Speed: the frozen layers below the adapters run once per visit and their output is cached. Their float
+    # format is not a run setting: each machine picks it (common.precision).
     cache_frozen: bool = True
     # Optimisation
     aux_weight: float = 1.0  # multimodal: weight of each branch's own auxiliary loss

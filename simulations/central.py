@@ -23,6 +23,7 @@ from common.evaluation import evaluate_on_test, print_metrics, write_summary
 from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
+from common.precision import machine_facts
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
 
@@ -32,8 +33,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                       ("lr", "lr"), ("batch_size", "batch_size")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
-    if getattr(args, "no_bf16", False):
-        overrides["bf16"] = False
     if getattr(args, "no_cache", False):
         overrides["cache_frozen"] = False
     return TrainConfig(**overrides)
@@ -41,14 +40,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
                 show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
-                ) -> tuple[OutcomeModel, list[dict]]:
+                precision: str | None = None) -> tuple[OutcomeModel, list[dict]]:
     """Train on `train`, keeping the epoch with the best mean validation AUROC.
 
     From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
     epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
     """
     torch.manual_seed(config.seed)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
     if initial_state is not None:
         model.load_trainable_state(initial_state)
     train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
@@ -129,6 +128,7 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
                           "full_model_bytes": full_bytes},
         "history": history,
         "splits": {"train": len(train), "val": len(val), "test": len(test)},
+        "machine": {**machine_facts(), "precision": model.precision},
         "wall_seconds": time.perf_counter() - started,
     }
     write_summary(out, summary)
