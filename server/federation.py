@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
@@ -30,6 +31,7 @@ from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_bytes, update_problem
 from common.features import structured_feature_names
 from common.model import OutcomeModel
+from common.precision import machine_facts
 
 # Mirrored in pyproject's [tool.flwr.app.config] (a test keeps the two equal); every key can be
 # overridden with `flwr run . --run-config 'key=value'` or the matching `edfed simulate` flag.
@@ -104,14 +106,22 @@ class CheckedAggregation:
         self.asked[server_round] = {msg.metadata.dst_node_id for msg in messages}
         return messages
 
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """No per-round evaluation at the sites: its AUROCs were only logged, it cost every site a process start
+        each round, and each was a query of the site's data outside its DP budget. The final global model is
+        scored once (`evaluate_at_sites`); simulation scores every round on the pooled split at the server."""
+        return []
+
     def aggregate_train(self, strategy_round, replies):
         accepted = []
         server_round = strategy_round + self.round_offset
         reports = self.reports.setdefault(server_round, {})
-        replies = list(replies)
+        # The SuperLink answers in place of a node that stopped sending heartbeats (the error's source is the
+        # SuperLink itself); that node is one of those that did not answer.
+        replies = [msg for msg in replies if msg.metadata.src_node_id != SUPERLINK_NODE_ID]
         for node in sorted(self.asked.get(strategy_round, set()) - {msg.metadata.src_node_id for msg in replies}):
-            log(WARNING, "round %d: node %s did not answer within round-timeout; going on without it",
-                server_round, node)
+            log(WARNING, "round %d: node %s did not answer (offline, or not within round-timeout); going on "
+                "without it", server_round, node)
             self.rejected.append({"round": server_round, "node": node, "why": "no answer"})
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -311,7 +321,7 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
 
     `pooled`: the server can read every site's file (simulation), so it scores the global model on
     the pooled validation split after every round and on the pooled test split at the end.
-    `on_round(round, total, aurocs)` is called after every round (progress display).
+    `on_round(round, total, aurocs, seconds)` is called after every round (progress display).
     """
     started = time.perf_counter()
     run_config = {**DEFAULT_RUN_CONFIG, **run_config}
@@ -345,25 +355,37 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
 
     strategy.round_offset = done
     folder.load_history(strategy, rounds, upto=done)
+    # Wall seconds per phase; a round is its train messages and aggregation (round 0: the initial model), then
+    # the server's pooled validation of the new global model (simulation only).
+    timings: dict = {"rounds": {}}
+    round_started = [time.perf_counter()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         real_round = server_round + done
+        round_seconds = time.perf_counter() - round_started[0]
         round_state = arrays.to_torch_state_dict()
         aurocs: dict[str, float] = {}
+        validated = time.perf_counter()
         if evaluation is not None:
             model.load_trainable_state(round_state)
             aurocs = rounds[real_round] = {o: m["auroc"] for o, m in evaluation.validation(model).items()}
             log(INFO, "round %d: pooled validation AUROC %s", real_round, {k: round(v, 3) for k, v in aurocs.items()})
+        timings["rounds"][str(real_round)] = {"seconds": round_seconds,
+                                              "validation_seconds": time.perf_counter() - validated}
         if server_round > 0 or done == 0:
             folder.save_history(strategy, rounds)  # first: a resume reads history up to its last checkpoint
             folder.save_round(real_round, model, round_state)
         if on_round:
-            on_round(real_round, total_rounds, aurocs)
+            on_round(real_round, total_rounds, aurocs, round_seconds)
+        round_started[0] = time.perf_counter()
         return MetricRecord({f"{o}-auroc": v for o, v in aurocs.items()}) if aurocs else None
 
     sites, refused, joined = {}, [], set()
     if done < total_rounds:
+        joining = time.perf_counter()
         joined, sites, refused = check_sites(grid, train_config, run_config)
+        timings["join_seconds"] = time.perf_counter() - joining
+        round_started[0] = time.perf_counter()
         result = strategy.start(grid=JoinedSites(grid, joined), initial_arrays=ArrayRecord(state),
                                 num_rounds=total_rounds - done, timeout=float(run_config["round-timeout"]),
                                 train_config=train_config,
@@ -372,11 +394,18 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     else:
         final_state = state
     model.load_trainable_state(final_state)
+    scoring = time.perf_counter()
     summary = build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds)
     summary["sites"], summary["refused_sites"] = sites, refused
     if evaluation is None and joined:
         summary["per_site"] = evaluate_at_sites(grid, joined, final_state, train_config,
                                                 float(run_config["round-timeout"]))
+    timings["final_evaluation_seconds"] = time.perf_counter() - scoring
+    # Each site's first round in this run read, checked, tokenized and cached its data (its own report).
+    first = {site: m["data-seconds"] for r in sorted(strategy.reports, reverse=True)
+             for site, m in strategy.reports[r].items() if "data-seconds" in m}
+    timings["site_data_seconds"] = dict(sorted(first.items()))
+    summary["timings"] = timings
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(folder.path, summary)
     return summary
@@ -412,6 +441,9 @@ def build_summary(run_config, meta, folder, model, strategy, rounds, evaluation,
         "client_train_seconds": float(sum(m.get("round-seconds", 0.0) for r in reports.values() for m in r.values())),
         "client_step_seconds": float(sum(m.get("train-seconds", 0.0) for r in reports.values() for m in r.values())),
         "num_rounds": total_rounds,
+        # Each site's frozen-pass float format, from its own round metrics (each machine picks its own).
+        "precision": {site: "bf16" if m["bf16"] else "fp32" for site, m in sorted(last_report.items()) if "bf16" in m},
+        "coordinator": {**machine_facts(), "precision": model.precision},
     }
     if evaluation is not None:
         title = f"federated ({run_config['strategy']}, epsilon {run_config['epsilon']})"
