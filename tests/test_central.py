@@ -31,8 +31,14 @@ def test_central_training_writes_the_interface_summary(cohort, tmp_path, tiny_en
     for outcome in OUTCOMES:
         metrics = summary["final"][outcome]
         assert {"auroc", "auprc", "brier", "ece", "n", "oracle_auroc"} <= set(metrics)
-        assert 0 <= metrics["auroc"] <= 1 and metrics["n"] > 0 and 0.5 < metrics["oracle_auroc"] <= 1
+        assert metrics["auroc"] > 0.55 and metrics["n"] > 0 and 0.5 < metrics["oracle_auroc"] <= 1
         assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    # It learned: two epochs of a tiny random encoder still find the structured signal (measured ~0.72).
+    assert sum(summary["final"][o]["auroc"] for o in OUTCOMES) / len(OUTCOMES) > 0.65
+    assert summary["history"][-1]["val_mean_auroc"] > summary["history"][0]["val_mean_auroc"] - 0.02
+    assert set(summary["timings"]) >= {"contract_check_seconds", "frozen-layer_caching_seconds",
+                                       "test_evaluation_seconds", "epochs"} and len(summary["timings"]["epochs"]) == 2
+    assert summary["machine"]["precision"] in ("bf16", "fp32")
     assert set(summary["per_site"]) == {f"site-{k}" for k in range(1, 7)}
     assert summary["config"]["model"] == str(tiny_encoder) and summary["config"]["epochs"] == 2
     assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").stat().st_size > 1000
