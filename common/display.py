@@ -24,13 +24,17 @@ def progress_bar(enabled: bool = True) -> Progress:
 class Phases:
     """Wall seconds of each named phase of a job, kept for summary.json and printed as one line when it ends."""
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or make_console()
+    def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
+        self.console, self.quiet = console or make_console(), quiet
         self.seconds: dict[str, float] = {}
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         yield
         self.seconds[f"{name.replace(' ', '_')}_seconds"] = seconds = time.perf_counter() - started
-        self.console.print(f"{name}: {seconds:.1f} s")
+        self.line(f"{name}: {seconds:.1f} s")

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from safetensors.torch import load_file, save_file
 
-from common.config import TrainConfig
+from common.config import RUN_DEFAULTS, train_config_from
 from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
@@ -32,58 +32,6 @@ from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_
 from common.features import structured_feature_names
 from common.model import OutcomeModel
 from common.precision import machine_facts
-
-# Mirrored in pyproject's [tool.flwr.app.config] (a test keeps the two equal); every key can be
-# overridden with `flwr run . --run-config 'key=value'` or the matching `edfed simulate` flag.
-DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
-    "num-server-rounds": 4,
-    "local-epochs": 1,
-    "strategy": "fedavg",
-    "proximal-mu": 0.01,
-    "server-lr": 0.01,
-    "ffa-lora": False,
-    # "auto": compact (TrainConfig.compact) when the run's sites train with DP (epsilon < inf), else not;
-    # in deployment, where each site's node config sets its budget, set it to true or false explicitly.
-    "compact": "auto",
-    "epsilon": 8.0,
-    "delta": 1e-5,
-    "max-grad-norm": 1.0,
-    "dp-clipping": "per-layer",  # or "flat" (common.privacy.make_private says why per-layer)
-    "num-sites": 6,
-    "min-sites": 2,
-    "round-timeout": 1800,
-    "join-timeout": 600,
-    "data-dir": "data/cohort",
-    "run-dir": "",
-    "ledger-dir": "",
-    "resume": False,
-    "model": "",
-    "modality": "multimodal",
-    "max-tokens": 128,
-    "lora-layers": 2,
-    "lora-r": 8,
-    # Higher than central training's 1e-3: 4 rounds at 1e-3 stop short of where 4 central epochs get
-    # (pooled validation AUROC 0.803 vs 0.822 at 3e-3, README), plausibly because every round restarts
-    # each site's Adam and averages six sites' steps.
-    # A site that trains with DP uses `dp-lr` instead (TrainConfig.dp_lr says why).
-    "lr": 0.003,
-    "dp-lr": 0.01,
-    "batch-size": 32,
-    "seed": 0,
-}
-_TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
-               "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
-               "ffa-lora": "ffa_lora"}
-
-
-def train_config_from(run_config: dict) -> TrainConfig:
-    compact = str(run_config.get("compact", "auto")).lower()
-    if compact not in ("auto", "true", "false"):
-        raise EdfedError(f"compact must be auto, true or false, got {run_config['compact']!r}")
-    if compact == "auto":
-        compact = str(math.isfinite(float(run_config.get("epsilon", math.inf)))).lower()
-    return TrainConfig(compact=compact == "true",
-                       **{field: run_config[key] for key, field in _TRAIN_KEYS.items() if key in run_config})
 
 
 class CheckedAggregation:
@@ -324,11 +272,11 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     `on_round(round, total, aurocs, seconds)` is called after every round (progress display).
     """
     started = time.perf_counter()
-    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    run_config = {**RUN_DEFAULTS, **run_config}
     folder = RunFolder(Path(str(run_config["run-dir"]) or f"runs/federated-{datetime.now():%Y%m%d-%H%M%S}"))
     meta = folder.start(run_config)
     if run_config.get("resume"):
-        run_config = {**DEFAULT_RUN_CONFIG, **meta["config"], "resume": True}
+        run_config = {**RUN_DEFAULTS, **meta["config"], "resume": True}
     config = train_config_from(run_config)
     torch.manual_seed(config.seed)
     model = OutcomeModel(config, n_struct=len(structured_feature_names()))

@@ -21,32 +21,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.config import TrainConfig
+from common.config import RUN_DEFAULTS, TrainConfig, run_config_from_args, train_config_from
 from common.contract import OUTCOMES
 from common.data import load_cohort, load_site_splits, site_files
 from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, write_summary
 from common.features import load_tokenizer
-from server.federation import DEFAULT_RUN_CONFIG, train_config_from
-
-_FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
-              "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
-              "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
-              "compact": "compact",
-              "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
-              "dp_lr": "dp-lr", "dp_clipping": "dp-clipping"}
-
-
-def run_config_from_args(args: argparse.Namespace) -> dict:
-    run_config = dict(DEFAULT_RUN_CONFIG)
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            run_config[key] = str(value) if isinstance(value, Path) else value
-    if args.model is not None:
-        run_config["model"] = str(args.model.resolve())
-    return run_config
 
 
 class _NotRunSimulationDeprecation(logging.Filter):
@@ -157,7 +138,7 @@ def run_personalize(args: argparse.Namespace) -> dict:
     if not (args.run_dir / "run.json").exists():
         raise EdfedError(f"{args.run_dir}: no run.json; pass a copy of the coordinator's run folder "
                          "(run.json and checkpoints/)")
-    run_config = {**DEFAULT_RUN_CONFIG, **json.loads((args.run_dir / "run.json").read_text())["config"],
+    run_config = {**RUN_DEFAULTS, **json.loads((args.run_dir / "run.json").read_text())["config"],
                   "model": str(args.model or "")}  # the coordinator's encoder path means nothing here
     name = args.site_name or args.data.stem
     config, start = personalization_start(run_config, args.run_dir)
@@ -178,7 +159,7 @@ def _fit_at_each_site(config: TrainConfig, run_config: dict, cohort: pd.DataFram
     from simulations.central import fit_central, save_trainable_state
 
     # As many epochs over its data as the site gave the federation.
-    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    run_config = {**RUN_DEFAULTS, **run_config}
     config = config.replace(epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
     tokenizer = load_tokenizer(config)
     results = {}

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from common.cli import main
+from common.config import RUN_DEFAULTS, run_config_from_args
 from common.contract import OUTCOMES
 from common.data import patient_split
-from server.federation import DEFAULT_RUN_CONFIG
+from simulations.central import config_from_args
 from simulations.cohort import generate_cohort
 
 
@@ -75,12 +75,17 @@ def test_patient_split_is_by_patient_and_deterministic(cohort):
     assert not (split == pd.Series(patient_split(table["patient_id"], seed=1), index=table.index)).all()
 
 
-def test_flower_run_config_mirrors_the_defaults():
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    run_config = pyproject["tool"]["flwr"]["app"]["config"]
-    assert set(run_config) == set(DEFAULT_RUN_CONFIG)
-    for key, value in DEFAULT_RUN_CONFIG.items():
-        assert run_config[key] == value, key
+def test_flags_left_out_keep_the_files_defaults_and_given_flags_override_their_key():
+    from common.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--rounds", "3", "--max-tokens", "64", "--epsilon", "inf"])
+    run_config = run_config_from_args(args)
+    changed = {k for k in RUN_DEFAULTS if run_config[k] != RUN_DEFAULTS[k]}
+    assert changed == {"num-server-rounds", "max-tokens", "epsilon"}
+    assert run_config["num-server-rounds"] == 3 and run_config["max-tokens"] == 64
+    central = config_from_args(build_parser().parse_args(["train", "central"]))
+    expected = RUN_DEFAULTS["central-lr"], RUN_DEFAULTS["central-epochs"], RUN_DEFAULTS["max-tokens"]
+    assert (central.lr, central.epochs, central.max_tokens) == expected
 
 
 def test_oracle_risks_align_when_sites_share_visit_ids(tmp_path):

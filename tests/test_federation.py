@@ -441,14 +441,14 @@ def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp
 
 
 def test_compact_auto_follows_the_runs_privacy_setting():
-    from server.federation import DEFAULT_RUN_CONFIG, train_config_from
+    from common.config import RUN_DEFAULTS, train_config_from
 
-    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0}).compact
-    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf}).compact
-    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0, "compact": False}).compact
-    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf, "compact": "true"}).compact
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0}).compact
+    assert not train_config_from({**RUN_DEFAULTS, "epsilon": math.inf}).compact
+    assert not train_config_from({**RUN_DEFAULTS, "epsilon": 8.0, "compact": False}).compact
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf, "compact": "true"}).compact
     with pytest.raises(EdfedError, match="compact must be"):
-        train_config_from({**DEFAULT_RUN_CONFIG, "compact": "sometimes"})
+        train_config_from({**RUN_DEFAULTS, "compact": "sometimes"})
 
 
 def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
@@ -456,11 +456,11 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
 
     import simulations.central
     from client.site import build_model
+    from common.config import train_config_from
     from common.data import VisitDataset
     from common.features import load_tokenizer
     from common.metrics import evaluate
     from common.train import cache_frozen_layers, predict
-    from server.federation import train_config_from
     from simulations.central import fit_central
     from simulations.federated import personalized_models
 
