@@ -70,6 +70,9 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: opt in to Ray's future default
+    # Ray starts its workers 15 nice levels below the driver: any other load on the machine (the coordinator's
+    # own pooled evaluation, another service) then starves the six sites' training. They are the job here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Flower logs every record at INFO; keep its warnings (failed or rejected sites) and our progress bar.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("flwr").addFilter(_NotRunSimulationDeprecation())
