@@ -35,7 +35,7 @@ _FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "st
               "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
               "compact": "compact",
               "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
-              "dp_lr": "dp-lr", "dp_clipping": "dp-clipping"}
+              "dp_lr": "dp-lr", "dp_clipping": "dp-clipping", "privacy_unit": "privacy-unit"}
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict:
