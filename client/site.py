@@ -27,7 +27,7 @@ from common.features import load_tokenizer, structured_feature_names
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel
-from common.privacy import PrivacyLedger, epsilon_of, make_private
+from common.privacy import PrivacyLedger, make_private
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
 REFUSED_BUDGET, REFUSED_REPEAT = 1, 2  # the `refused` metric: why a round was not trained
@@ -276,8 +276,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
         after, run_after = math.inf, math.inf
         if math.isfinite(noise):
             after = ledger.projected(noise, sample_rate, steps, settings.delta)
-            run_after = epsilon_of([*(a for a, h in zip(ledger.accounting(), ledger.history, strict=True)
-                                      if h["run"] == run_id), (noise, sample_rate, steps)], settings.delta)
+            run_after = ledger.projected(noise, sample_rate, steps, settings.delta, run_id=run_id)
         metrics.update({"noise-multiplier": noise, "sample-rate": sample_rate})
         if after > settings.epsilon * (1 + 1e-6) or run_after > settings.max_epsilon_per_run * (1 + 1e-6):
             ledger.save()  # keep the plan, spend nothing

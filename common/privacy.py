@@ -72,9 +72,9 @@ class PrivacyLedger:
             history = [h if isinstance(h, dict) else {"noise": h[0], "sample-rate": h[1], "steps": h[2],
                                                       "unit": "visit", "run": None, "round": None}
                        for h in state["history"]]
-            for h in history:
-                float(h["noise"]), float(h["sample-rate"]), int(h["steps"])  # noqa: B018 - shape check
-            return cls(path, history, dict(state.get("plans", {})), dict(state.get("queries", {})))
+            ledger = cls(path, history, dict(state.get("plans", {})), dict(state.get("queries", {})))
+            ledger.accounting()  # every entry has its numbers
+            return ledger
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise EdfedError(f"privacy ledger {path} is unreadable ({exc}); refusing to train without it") from exc
 
@@ -97,12 +97,12 @@ class PrivacyLedger:
         return epsilon_of(self.accounting(), delta)
 
     def spent_by_run(self, run_id: str, delta: float) -> float:
-        return epsilon_of([a for a, h in zip(self.accounting(), self.history, strict=True) if h["run"] == run_id],
-                          delta)
+        return self.projected(0.0, 0.0, 0, delta, run_id=run_id)
 
-    def projected(self, noise: float, sample_rate: float, steps: int, delta: float) -> float:
-        """Epsilon after `steps` more steps at this noise and sample rate."""
-        return epsilon_of([*self.accounting(), (noise, sample_rate, steps)], delta)
+    def projected(self, noise: float, sample_rate: float, steps: int, delta: float, run_id: str | None = None) -> float:
+        """Epsilon after `steps` more steps at this noise and sample rate (of run `run_id` alone, if given)."""
+        past = [a for a, h in zip(self.accounting(), self.history, strict=True) if run_id is None or h["run"] == run_id]
+        return epsilon_of([*past, (noise, sample_rate, steps)], delta)
 
     def trained(self, run_id: str, server_round: int) -> bool:
         return any(h["run"] == run_id and h["round"] == server_round for h in self.history)
