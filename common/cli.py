@@ -56,6 +56,9 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate of a site that trains with DP (default {D['dp-lr']:g})")
     p.add_argument("--dp-clipping", choices=["per-layer", "flat"], default=None,
                    help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
+    p.add_argument("--privacy-unit", choices=["patient", "visit"], default=None,
+                   help="what epsilon protects at each simulated site: a patient with all its visits (default) or one "
+                        "visit (a patient with k visits then gets about k * epsilon)")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
@@ -199,6 +202,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before flwr is imported: Flower's telemetry would otherwise report every run (set it to 1 to opt in).
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = build_parser().parse_args(argv)
     if getattr(args, "precision", None):  # a property of this machine: every model this process (and Ray) builds
         os.environ["EDFED_PRECISION"] = args.precision

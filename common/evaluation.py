@@ -6,7 +6,6 @@ Central and federated runs both end here, so their `summary.json` numbers mean t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from rich.table import Table
 from common.contract import OUTCOMES
 from common.data import VisitDataset, load_oracle
 from common.display import make_console
+from common.files import atomic_write_text
 from common.metrics import evaluate
 from common.model import OutcomeModel
 from common.plots import plot_roc_and_calibration
@@ -72,11 +72,7 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically: a reader never sees half a file."""
-    path = out_dir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
 
 
 def print_metrics(final: dict, title: str, console: Console | None = None) -> None:
