@@ -25,7 +25,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from common.cli import main as edfed
+from cli.main import main as edfed
 from simulations.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow

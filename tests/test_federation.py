@@ -513,7 +513,7 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
 
     from safetensors.torch import load_file
 
-    from common.cli import main
+    from cli.main import main
 
     run_dir = tmp_path / "run"
     run_federation(InProcessGrid(_sim_nodes()), _run_config(cohort, run_dir, tiny_encoder,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from common.audit import audit_run
-from common.cli import main
+from cli.main import main
 from common.contract import OUTCOMES
 from common.report import SUPPRESSED, small_cell
 from simulations.cohort import generate_cohort

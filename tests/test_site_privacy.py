@@ -179,9 +179,10 @@ def test_a_train_reply_holds_dp_arrays_rounded_sizes_and_dp_parameters_only(coho
     reply = _ask(_site(cohort, tmp_path, tiny_encoder), _message("train", tiny_encoder, start))
     assert not reply.has_error()
     metrics = dict(reply.content["metrics"])
-    # No training loss (a noise-free function of the training visits) and no timing (by default).
+    # No training loss (a noise-free function of the training visits) and no timing (by default); `bf16` is the
+    # site machine's float format, no patient data.
     assert set(metrics) == {"refused", "delta", "epsilon-budget", "patient-level", "noise-multiplier", "sample-rate",
-                            "adapters-changed", "num-examples", "epsilon", "steps"}
+                            "adapters-changed", "num-examples", "epsilon", "steps", "bf16"}
     assert metrics["num-examples"] % 10 == 0 and metrics["num-examples"] > 0
 
 
@@ -413,7 +414,7 @@ def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_p
 def test_edfeds_entry_points_turn_flower_telemetry_off(monkeypatch, tmp_path):
     import client.client_app
     import server.server_app
-    from common.cli import main
+    from cli.main import main
 
     for module in (client.client_app, server.server_app):
         monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
