@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from common.audit import audit_run
 from cli.main import main
+from common.audit import audit_run
 from common.contract import OUTCOMES
 from common.report import SUPPRESSED, small_cell
 from simulations.cohort import generate_cohort
