@@ -63,6 +63,8 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+    p.add_argument("--noise-draw", type=int, default=None,
+                   help="simulated sites' DP noise: another value gives each site other noise (default 0)")
     p.add_argument("--compact", choices=["auto", "true", "false"], default=None,
                    help=f"train only LoRA B, the structured tower and the heads (default {D['compact']}: with DP)")
 

@@ -129,7 +129,9 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
     ledger_dir = Path(str(message_config.get("ledger-dir") or run_dir / "ledgers"))
     return SiteSettings(name=name, data_path=data_path, epsilon=float(message_config.get("site-epsilon", math.inf)),
                         delta=float(message_config.get("site-delta", 1e-5)), ledger_path=ledger_dir / f"{name}.json",
-                        cache_dir=run_dir / "cache", model_path=str(message_config.get("model", "")), dp_seed=name,
+                        cache_dir=run_dir / "cache", model_path=str(message_config.get("model", "")),
+                        # Simulated sites replay exactly; another `noise-draw` gives each of them other noise.
+                        dp_seed=name + (f"#draw{draw}" if (draw := int(message_config.get("noise-draw", 0))) else ""),
                         privacy_unit=str(message_config.get("site-privacy-unit", "patient")),
                         release_metrics=True, release_timing=True, max_queries_per_run=None, size_rounding=1)
 

@@ -310,7 +310,7 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
         "dp-clipping": str(run_config["dp-clipping"]), "site-privacy-unit": str(run_config["privacy-unit"]),
         "encoder-fingerprint": fingerprint, "frozen-fingerprint": meta["frozen-fingerprint"],
-        "site-epsilon": float(run_config["epsilon"]),
+        "site-epsilon": float(run_config["epsilon"]), "noise-draw": int(run_config["noise-draw"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),
     })

@@ -577,3 +577,14 @@ def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, ti
     assert [dict(r.content["metrics"])["bf16"] for r in train] == [float(native)] * 2
     sent = next(m for m in grid.sent if m.metadata.message_type == "train").content["config"]
     assert not {"bf16", "precision"} & set(json.loads(sent["train-config"])) and "precision" not in sent
+
+
+def test_another_noise_draw_gives_every_simulated_site_other_dp_noise(tmp_path):
+    from client.site import settings_from_configs
+
+    def seed(site: int, draw: int) -> int:
+        message = {"run-dir": str(tmp_path), "data-dir": str(tmp_path), "noise-draw": draw}
+        return dp_rng_seed(settings_from_configs({"partition-id": site}, message), trainings=0)
+
+    assert seed(0, 0) == seed(0, 0) and seed(0, 0) != seed(1, 0)  # replays, and no two sites share noise
+    assert seed(0, 1) != seed(0, 0) and seed(1, 1) != seed(1, 0) and seed(0, 1) != seed(1, 1)
