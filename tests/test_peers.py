@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -132,3 +134,43 @@ def test_reports_show_the_model_next_to_its_peers(tmp_path):
     assert "| site-1 | mortality_30d | 0.830 | 0.610 | 0.620 | 0.630 | 300 | 45 |" in report
     assert f"| site-2 | mortality_30d | {SUPPRESSED} |" in report  # 3 events: no numbers at all
     assert "0.900" not in report  # site-2's model AUROC sits in suppressed cells only
+
+
+def test_simulate_adds_the_federation_peers_and_reports_them(signal_cohort, tmp_path, monkeypatch, capsys):
+    """`edfed simulate` (its federation replaced by a stub that scores like the server) writes and prints peers."""
+    from common.cli import main
+    from simulations import federated
+
+    def fake_simulate(run_config, n_sites, quiet=False, verbose=False):
+        Path(run_config["run-dir"]).mkdir(parents=True)  # as the real federation's run folder does
+        cohort = load_cohort(signal_cohort, int(run_config["seed"]))
+        test = cohort[cohort["split"] == "test"]
+        labels = test[list(OUTCOMES)].to_numpy(float)
+        from common.evaluation import oracle_risks
+        from common.metrics import evaluate
+
+        oracle = oracle_risks(signal_cohort, test)
+        per_site = {s: evaluate(labels[(test["site"] == s).to_numpy()], oracle[(test["site"] == s).to_numpy()], 0)
+                    for s in pd.unique(test["site"])}
+        return {"kind": "federated", "config": dict(run_config), "final": evaluate(labels, oracle, 0, 0, oracle),
+                "per_site": per_site, "privacy": {}, "wall_seconds": 1.0, "client_train_seconds": 1.0,
+                "communication": {"bytes_sent_per_client_round": 1, "share_of_full_model": 0.01,
+                                  "full_model_bytes": 100}}
+
+    monkeypatch.setattr(federated, "simulate", fake_simulate)
+    out = tmp_path / "run"
+    assert main(["simulate", "--data", str(signal_cohort), "--out", str(out), "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "fitting regression peers:" in printed and "the model against each site's own regressions" in printed
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    peers = summary["peers"]
+    assert set(peers["local"]) == set(summary["per_site"]) == {"site-1", "site-2", "site-3"}
+    for outcome, m in summary["final"].items():
+        assert peers["pooled"]["stacked"][outcome]["n"] == m["n"]
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    own = peers["local"]["site-1"]
+    truth = summary["per_site"]["site-1"]["safe_discharge"]["auroc"]
+    assert (f"| site-1 | safe_discharge | {truth:.3f} | {own['structured']['safe_discharge']['auroc']:.3f} | "
+            f"{own['tfidf']['safe_discharge']['auroc']:.3f} | {own['stacked']['safe_discharge']['auroc']:.3f} |"
+            in report)
