@@ -112,8 +112,8 @@ class FittedPeers:
         result = {}
         for outcome, fit in self.fits.items():
             models = {"structured": fit.structured, "tfidf": fit.tfidf, "stacked": fit.stack}
-            result[outcome] = {p: np.concatenate([m.coef_.ravel(), m.intercept_.ravel()])
-                               for p, m in models.items() if m is not None}
+            linear = {p: m[-1] if hasattr(m, "steps") else m for p, m in models.items() if m is not None}
+            result[outcome] = {p: np.concatenate([m.coef_.ravel(), m.intercept_.ravel()]) for p, m in linear.items()}
         return result
 
     def method(self) -> dict:
@@ -183,6 +183,7 @@ def _fit_peers(train: pd.DataFrame, seed: int) -> FittedPeers:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import SplineTransformer, StandardScaler
 
     started = time.perf_counter()
@@ -221,7 +222,10 @@ def _fit_peers(train: pd.DataFrame, seed: int) -> FittedPeers:
             if xt_all is None:
                 continue
             fit.tfidf, fit.c["tfidf"], oof_t = _fit_cv(xt_all[known], y, folds, seed)
-        fit.stack = LogisticRegression(C=1.0, max_iter=MAX_ITER).fit(np.column_stack([oof_s, oof_t]), y)
+        # Standardised first: a peer chosen at a strong penalty has logits of tiny spread, and an L2 stacker on raw
+        # logits would then drop it however well it ranks.
+        fit.stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=MAX_ITER)).fit(
+            np.column_stack([oof_s, oof_t]), y)
     peers.seconds = time.perf_counter() - started
     return peers
 
