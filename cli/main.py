@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--visits-per-site", type=int, default=None,
                      help="visits at every site (default: realistic, unequal site sizes)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--harder", action="store_true",
+                     help="add calendar waves of COVID-19 mortality (docs/cohort.md, 'Harder cohort')")
 
     data = sub.add_parser("data", help="site data").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="validate a site file against the data contract")
@@ -157,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from simulations.cohort import generate_cohort
 
         out = generate_cohort(args.out, n_sites=args.sites, visits_per_site=args.visits_per_site,
-                              seed=args.seed)
+                              seed=args.seed, harder=args.harder)
         print(f"wrote {args.sites} sites to {out}")
     elif args.command == "data":
         from common.contract import load_site, print_profile
