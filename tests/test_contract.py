@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import cli
+from cli import main as cli
 from common.contract import (
     CONTRACT_COLUMNS,
     FLAG_COLUMNS,
