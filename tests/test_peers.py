@@ -139,7 +139,6 @@ def test_reports_show_the_model_next_to_its_peers(tmp_path):
 def test_simulate_adds_the_federation_peers_and_reports_them(signal_cohort, tmp_path, monkeypatch, capsys):
     """`edfed simulate` (its federation replaced by a stub that scores like the server) writes and prints peers."""
     from cli.main import main
-
     from simulations import federated
 
     def fake_simulate(run_config, n_sites, quiet=False, verbose=False):
