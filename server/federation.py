@@ -68,6 +68,8 @@ DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
     "dp-lr": 0.01,
     "batch-size": 32,
     "seed": 0,
+    # The signed-release token (common.release) each hospital's edfed-clientapp checks; unused by the server.
+    "release-signature": "",
 }
 _TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
                "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
