@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import sys
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -54,12 +55,13 @@ def run_verified_clientapp(trust_path: Path, flower_argv: list[str]) -> None:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
     from flwr.supercore import log
-    from flwr.supernode.cli import flwr_clientapp as cli
-    from flwr.supernode.runtime import run_clientapp as runtime
 
     from common.errors import EdfedError
     from common.release import SIGNATURE_KEY, load_trust, verify_release
 
+    # The modules themselves (their packages re-export same-named functions).
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     flower_pull, verified = runtime.pull_task_input, set()
 
     def pull_and_verify(client):
@@ -103,7 +105,8 @@ def refuse_task(task: str, flower_argv: list[str]) -> None:
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime import run_clientapp as runtime
+
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     parser = argparse.ArgumentParser(prog=task)
     parser.add_argument("--runtime-api-address", required=True)

@@ -51,7 +51,8 @@ def server_block(listen: str, cert: Path, key: Path, ca: Path, superlink: str, u
         f"    proxy_ssl_trusted_certificate {ca};\n    proxy_ssl_verify on;\n"
         f"    proxy_ssl_name {upstream_name};\n    proxy_ssl_server_name on;\n\n"
         + "".join(_location(p) for p in FLEET_PATHS)
-        + "\n    location / {\n        return 403;\n    }\n}\n")
+        + "\n    location / {\n        default_type text/plain;\n"
+        "        return 403 \"edfed coordinator: only the Fleet API is served on this port\\n\";\n    }\n}\n")
 
 
 def standalone_config(out: Path, include: Path) -> str:
