@@ -161,3 +161,48 @@ def test_proxy_forwards_exactly_the_fleet_api_of_the_installed_flower(tmp_path):
     if nginx.exists():  # the config is one nginx accepts
         done = subprocess.run([str(nginx), "-t", "-c", str(standalone)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("task", ["flwr-agentapp", "flwr-model", "flwr-connector", "flwr-serverapp"])
+def test_other_task_types_are_finished_failed_without_running_anything(monkeypatch, task):
+    """The --refuse stand-in: it installs and imports nothing, finishes the task FAILED, and answers the
+    SuperNode's message with an error where the task holds one (an agent app's), so the SuperNode goes on."""
+    import importlib
+
+    import flwr.app
+    import flwr.supercore.runtime
+    from flwr.common.constant import SubStatus
+
+    from client import runner
+
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    calls: list[tuple] = []
+
+    class FakeClient:
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setattr(flwr.supercore.runtime.RuntimeHttpClient, "from_server_address",
+                        classmethod(lambda cls, **kwargs: FakeClient()))
+    monkeypatch.setattr(runtime, "pull_task_input", lambda client: calls.append(("pull",)) or ("msg", "ctx", 0, 0))
+    monkeypatch.setattr(runtime, "push_message",
+                        lambda client, reply, ctx: calls.append(("reply", reply.has_error(), reply.error.reason)))
+    monkeypatch.setattr(runtime, "push_task_output", lambda client, ctx, status, why: calls.append(("done", status)))
+    monkeypatch.setattr(runtime, "install_from_fab", lambda *a, **k: calls.append(("install",)))
+    monkeypatch.setattr(flwr.app, "Message", lambda error, reply_to: _ErrorReply(error))
+    with pytest.raises(SystemExit):
+        runner.main(["--refuse", task, "--runtime-api-address", "127.0.0.1:1", "--token", "t", "--insecure"])
+    names = [c[0] for c in calls]
+    assert "install" not in names and names[-2:] == ["done", "close"] and calls[-2][1] == SubStatus.FAILED
+    if task == "flwr-agentapp":
+        assert names[:2] == ["pull", "reply"] and calls[1][1] and "refused" in calls[1][2]
+    else:
+        assert "pull" not in names and "reply" not in names  # never takes a message meant for another task
+
+
+class _ErrorReply:
+    def __init__(self, error):
+        self.error = error
+
+    def has_error(self) -> bool:
+        return True
