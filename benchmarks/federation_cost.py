@@ -19,8 +19,8 @@ import math
 import tempfile
 from pathlib import Path
 
+from common.config import RUN_DEFAULTS
 from common.data import site_files
-from server.federation import DEFAULT_RUN_CONFIG
 from simulations.federated import simulate
 
 
@@ -41,7 +41,7 @@ def main() -> None:
 
             generate_cohort(args.data)
         with tempfile.TemporaryDirectory() as tmp:
-            run_config = {**DEFAULT_RUN_CONFIG, "data-dir": str(args.data.resolve()), "run-dir": tmp,
+            run_config = {**RUN_DEFAULTS, "data-dir": str(args.data.resolve()), "run-dir": tmp,
                           "num-server-rounds": args.rounds, "epsilon": args.epsilon, "model": args.model}
             summary = simulate(run_config, len(site_files(args.data)))
     comm = summary["communication"]

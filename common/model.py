@@ -12,7 +12,6 @@ so its output can be computed once per visit and reused across epochs and rounds
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -25,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.errors import EdfedError
+from common.precision import autocast, resolve_precision
 
 STRUCT_DIM, FUSION_DIM = 64, 128
 # Keep transformers' per-load progress bars and a deprecation notice it raises itself out of our output.
@@ -50,9 +50,11 @@ def load_frozen_encoder(encoder_dir) -> nn.Module:
 
 
 class OutcomeModel(nn.Module):
-    def __init__(self, config: TrainConfig, n_struct: int) -> None:
+    def __init__(self, config: TrainConfig, n_struct: int, precision: str | None = None) -> None:
         super().__init__()
         self.config = config
+        # The frozen pass's float format is this machine's choice (common.precision), not the run's.
+        self.precision = resolve_precision(precision)
         fusion_in = 0
         self.encoder = None
         if config.uses_text:
@@ -104,15 +106,11 @@ class OutcomeModel(nn.Module):
     def can_split(self) -> bool:
         return self.encoder is not None and _transformer_layers(self.base_encoder) is not None
 
-    def _precision(self):
-        return (torch.autocast("cpu", dtype=torch.bfloat16) if self.config.bf16
-                else contextlib.nullcontext())
-
     @torch.no_grad()
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings and the frozen layers below the first adapter: [B, T, H], no gradient."""
         bert = self.base_encoder
-        with self._precision():
+        with autocast(self.precision):
             # Explicit [B, T] position/type ids: HF's broadcast [1, T] buffers break per-example grads.
             positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             hidden = bert.embeddings(input_ids=input_ids, position_ids=positions,

@@ -18,72 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from safetensors.torch import load_file, save_file
 
-from common.config import TrainConfig
+from common.config import RUN_DEFAULTS, train_config_from
 from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_bytes, update_problem
 from common.features import structured_feature_names
 from common.model import OutcomeModel
-
-# Mirrored in pyproject's [tool.flwr.app.config] (a test keeps the two equal); every key can be
-# overridden with `flwr run . --run-config 'key=value'` or the matching `edfed simulate` flag.
-DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = {
-    "num-server-rounds": 4,
-    "local-epochs": 1,
-    "strategy": "fedavg",
-    "proximal-mu": 0.01,
-    "server-lr": 0.01,
-    "ffa-lora": False,
-    # "auto": compact (TrainConfig.compact) when the run's sites train with DP (epsilon < inf), else not;
-    # in deployment, where each site's node config sets its budget, set it to true or false explicitly.
-    "compact": "auto",
-    "epsilon": 8.0,
-    "delta": 1e-5,
-    "max-grad-norm": 1.0,
-    "dp-clipping": "per-layer",  # or "flat" (common.privacy.make_private says why per-layer)
-    "num-sites": 6,
-    "min-sites": 2,
-    "round-timeout": 1800,
-    "join-timeout": 600,
-    "data-dir": "data/cohort",
-    "run-dir": "",
-    "ledger-dir": "",
-    "resume": False,
-    "model": "",
-    "modality": "multimodal",
-    "max-tokens": 128,
-    "lora-layers": 2,
-    "lora-r": 8,
-    # Higher than central training's 1e-3: 4 rounds at 1e-3 stop short of where 4 central epochs get
-    # (pooled validation AUROC 0.803 vs 0.822 at 3e-3, README), plausibly because every round restarts
-    # each site's Adam and averages six sites' steps.
-    # A site that trains with DP uses `dp-lr` instead (TrainConfig.dp_lr says why).
-    "lr": 0.003,
-    "dp-lr": 0.01,
-    "batch-size": 32,
-    "seed": 0,
-    # The signed-release token (common.release) each hospital's edfed-clientapp checks; unused by the server.
-    "release-signature": "",
-}
-_TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
-               "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
-               "ffa-lora": "ffa_lora"}
-
-
-def train_config_from(run_config: dict) -> TrainConfig:
-    compact = str(run_config.get("compact", "auto")).lower()
-    if compact not in ("auto", "true", "false"):
-        raise EdfedError(f"compact must be auto, true or false, got {run_config['compact']!r}")
-    if compact == "auto":
-        compact = str(math.isfinite(float(run_config.get("epsilon", math.inf)))).lower()
-    return TrainConfig(compact=compact == "true",
-                       **{field: run_config[key] for key, field in _TRAIN_KEYS.items() if key in run_config})
+from common.precision import machine_facts
 
 
 class CheckedAggregation:
@@ -106,14 +54,22 @@ class CheckedAggregation:
         self.asked[server_round] = {msg.metadata.dst_node_id for msg in messages}
         return messages
 
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """No per-round evaluation at the sites: its AUROCs were only logged, it cost every site a process start
+        each round, and each was a query of the site's data outside its DP budget. The final global model is
+        scored once (`evaluate_at_sites`); simulation scores every round on the pooled split at the server."""
+        return []
+
     def aggregate_train(self, strategy_round, replies):
         accepted = []
         server_round = strategy_round + self.round_offset
         reports = self.reports.setdefault(server_round, {})
-        replies = list(replies)
+        # The SuperLink answers in place of a node that stopped sending heartbeats (the error's source is the
+        # SuperLink itself); that node is one of those that did not answer.
+        replies = [msg for msg in replies if msg.metadata.src_node_id != SUPERLINK_NODE_ID]
         for node in sorted(self.asked.get(strategy_round, set()) - {msg.metadata.src_node_id for msg in replies}):
-            log(WARNING, "round %d: node %s did not answer within round-timeout; going on without it",
-                server_round, node)
+            log(WARNING, "round %d: node %s did not answer (offline, or not within round-timeout); going on "
+                "without it", server_round, node)
             self.rejected.append({"round": server_round, "node": node, "why": "no answer"})
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -313,14 +269,14 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
 
     `pooled`: the server can read every site's file (simulation), so it scores the global model on
     the pooled validation split after every round and on the pooled test split at the end.
-    `on_round(round, total, aurocs)` is called after every round (progress display).
+    `on_round(round, total, aurocs, seconds)` is called after every round (progress display).
     """
     started = time.perf_counter()
-    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    run_config = {**RUN_DEFAULTS, **run_config}
     folder = RunFolder(Path(str(run_config["run-dir"]) or f"runs/federated-{datetime.now():%Y%m%d-%H%M%S}"))
     meta = folder.start(run_config)
     if run_config.get("resume"):
-        run_config = {**DEFAULT_RUN_CONFIG, **meta["config"], "resume": True}
+        run_config = {**RUN_DEFAULTS, **meta["config"], "resume": True}
     config = train_config_from(run_config)
     torch.manual_seed(config.seed)
     model = OutcomeModel(config, n_struct=len(structured_feature_names()))
@@ -347,25 +303,37 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
 
     strategy.round_offset = done
     folder.load_history(strategy, rounds, upto=done)
+    # Wall seconds per phase; a round is its train messages and aggregation (round 0: the initial model), then
+    # the server's pooled validation of the new global model (simulation only).
+    timings: dict = {"rounds": {}}
+    round_started = [time.perf_counter()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         real_round = server_round + done
+        round_seconds = time.perf_counter() - round_started[0]
         round_state = arrays.to_torch_state_dict()
         aurocs: dict[str, float] = {}
+        validated = time.perf_counter()
         if evaluation is not None:
             model.load_trainable_state(round_state)
             aurocs = rounds[real_round] = {o: m["auroc"] for o, m in evaluation.validation(model).items()}
             log(INFO, "round %d: pooled validation AUROC %s", real_round, {k: round(v, 3) for k, v in aurocs.items()})
+        timings["rounds"][str(real_round)] = {"seconds": round_seconds,
+                                              "validation_seconds": time.perf_counter() - validated}
         if server_round > 0 or done == 0:
             folder.save_history(strategy, rounds)  # first: a resume reads history up to its last checkpoint
             folder.save_round(real_round, model, round_state)
         if on_round:
-            on_round(real_round, total_rounds, aurocs)
+            on_round(real_round, total_rounds, aurocs, round_seconds)
+        round_started[0] = time.perf_counter()
         return MetricRecord({f"{o}-auroc": v for o, v in aurocs.items()}) if aurocs else None
 
     sites, refused, joined = {}, [], set()
     if done < total_rounds:
+        joining = time.perf_counter()
         joined, sites, refused = check_sites(grid, train_config, run_config)
+        timings["join_seconds"] = time.perf_counter() - joining
+        round_started[0] = time.perf_counter()
         result = strategy.start(grid=JoinedSites(grid, joined), initial_arrays=ArrayRecord(state),
                                 num_rounds=total_rounds - done, timeout=float(run_config["round-timeout"]),
                                 train_config=train_config,
@@ -374,11 +342,18 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     else:
         final_state = state
     model.load_trainable_state(final_state)
+    scoring = time.perf_counter()
     summary = build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds)
     summary["sites"], summary["refused_sites"] = sites, refused
     if evaluation is None and joined:
         summary["per_site"] = evaluate_at_sites(grid, joined, final_state, train_config,
                                                 float(run_config["round-timeout"]))
+    timings["final_evaluation_seconds"] = time.perf_counter() - scoring
+    # Each site's first round in this run read, checked, tokenized and cached its data (its own report).
+    first = {site: m["data-seconds"] for r in sorted(strategy.reports, reverse=True)
+             for site, m in strategy.reports[r].items() if "data-seconds" in m}
+    timings["site_data_seconds"] = dict(sorted(first.items()))
+    summary["timings"] = timings
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(folder.path, summary)
     return summary
@@ -414,6 +389,9 @@ def build_summary(run_config, meta, folder, model, strategy, rounds, evaluation,
         "client_train_seconds": float(sum(m.get("round-seconds", 0.0) for r in reports.values() for m in r.values())),
         "client_step_seconds": float(sum(m.get("train-seconds", 0.0) for r in reports.values() for m in r.values())),
         "num_rounds": total_rounds,
+        # Each site's frozen-pass float format, from its own round metrics (each machine picks its own).
+        "precision": {site: "bf16" if m["bf16"] else "fp32" for site, m in sorted(last_report.items()) if "bf16" in m},
+        "coordinator": {**machine_facts(), "precision": model.precision},
     }
     if evaluation is not None:
         title = f"federated ({run_config['strategy']}, epsilon {run_config['epsilon']})"

@@ -17,23 +17,22 @@ import torch
 
 from common.config import TrainConfig
 from common.data import VisitDataset, load_cohort
-from common.display import make_console, progress_bar
+from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, print_metrics, write_summary
 from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
+from common.precision import machine_facts
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {"modality": args.modality, "seed": args.seed, "model": str(args.model or "")}
-    for flag, key in (("epochs", "epochs"), ("max_tokens", "max_tokens"), ("lora_layers", "lora_layers"),
-                      ("lr", "lr"), ("batch_size", "batch_size")):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    if getattr(args, "no_bf16", False):
-        overrides["bf16"] = False
+    """TrainConfig's defaults (common/config.py) with every flag the user gave; a flag is named as its field."""
+    overrides = {name: getattr(args, name) for name in ("modality", "seed", "epochs", "max_tokens", "lora_layers",
+                                                         "lr", "batch_size") if getattr(args, name, None) is not None}
+    if args.model is not None:
+        overrides["model"] = str(args.model)
     if getattr(args, "no_cache", False):
         overrides["cache_frozen"] = False
     return TrainConfig(**overrides)
@@ -41,21 +40,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
                 show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
-                ) -> tuple[OutcomeModel, list[dict]]:
+                precision: str | None = None, phases: Phases | None = None) -> tuple[OutcomeModel, list[dict]]:
     """Train on `train`, keeping the epoch with the best mean validation AUROC.
 
     From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
     epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
     """
     torch.manual_seed(config.seed)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
     if initial_state is not None:
         model.load_trainable_state(initial_state)
     train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
     history, best, best_state = [], -np.inf, None
+    phases = phases or Phases(quiet=True)
     with progress_bar(show_progress) as progress:
-        cache_frozen_layers(model, train_set, progress=progress)
-        cache_frozen_layers(model, val_set, progress=progress)
+        with phases("frozen-layer caching"):
+            cache_frozen_layers(model, train_set, progress=progress)
+            cache_frozen_layers(model, val_set, progress=progress)
         optimizer = make_optimizer(model, config.lr, config.weight_decay)
         for epoch in range(0 if initial_state is None else -1, config.epochs):
             stats = {}
@@ -68,6 +69,9 @@ def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tok
             val_auroc = float(np.mean(aurocs)) if aurocs else float("nan")
             history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc,
                             "val_auroc": {o: m["auroc"] for o, m in val_metrics.items()}})
+            if epoch >= 0:
+                phases.line(f"epoch {epoch + 1}/{config.epochs}: {stats['seconds']:.0f} s, "
+                            f"val mean AUROC {val_auroc:.3f}")
             # A validation split too small to have both classes gives no AUROC: that epoch ranks last, and
             # with no AUROC in any epoch the last epoch is kept.
             score = val_auroc if aurocs else -np.inf
@@ -106,17 +110,21 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
     """
     started = time.perf_counter()
     console = make_console()
+    phases = Phases(console)
     if cohort is None:
-        cohort = load_cohort(data_dir, config.seed)
+        with phases("contract check"):
+            cohort = load_cohort(data_dir, config.seed)
     train, val, test = parts or tuple(cohort[cohort["split"] == s] for s in ("train", "val", "test"))
     tokenizer = load_tokenizer(config)
     console.print(f"central training on {train['site'].nunique()} sites ({len(train)} training, {len(test)} test "
                   f"visits), modality {config.modality}, encoder {config.encoder_dir if config.uses_text else '-'}")
-    model, history = fit_central(config, train, val, tokenizer)
+    model, history = fit_central(config, train, val, tokenizer, phases=phases)
     out.mkdir(parents=True, exist_ok=True)
     save_trainable_state(model, out / "model.safetensors")  # before summary.json: a finished run has its model
-    final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out, title or f"central, {config.modality}",
-                                       out / "predictions.parquet" if predictions else None)
+    with phases("test evaluation"):
+        final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out,
+                                           title or f"central, {config.modality}",
+                                           out / "predictions.parquet" if predictions else None)
     trainable_bytes = sum(t.numel() * t.element_size() for t in model.trainable_state().values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     summary = {
@@ -129,6 +137,8 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
                           "full_model_bytes": full_bytes},
         "history": history,
         "splits": {"train": len(train), "val": len(val), "test": len(test)},
+        "machine": {**machine_facts(), "precision": model.precision},
+        "timings": {**phases.seconds, "epochs": {str(h["epoch"]): h["seconds"] for h in history if "seconds" in h}},
         "wall_seconds": time.perf_counter() - started,
     }
     write_summary(out, summary)

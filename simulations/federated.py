@@ -21,32 +21,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.config import TrainConfig
+from common.config import RUN_DEFAULTS, TrainConfig, run_config_from_args, train_config_from
 from common.contract import OUTCOMES
 from common.data import load_cohort, load_site_splits, site_files
-from common.display import make_console, progress_bar
+from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, write_summary
 from common.features import load_tokenizer
-from server.federation import DEFAULT_RUN_CONFIG, train_config_from
-
-_FLAG_KEYS = {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "strategy": "strategy",
-              "epsilon": "epsilon", "delta": "delta", "modality": "modality", "seed": "seed",
-              "max_tokens": "max-tokens", "lora_layers": "lora-layers", "ffa_lora": "ffa-lora",
-              "compact": "compact",
-              "proximal_mu": "proximal-mu", "ledger_dir": "ledger-dir", "batch_size": "batch-size", "lr": "lr",
-              "dp_lr": "dp-lr", "dp_clipping": "dp-clipping"}
 
 
-def run_config_from_args(args: argparse.Namespace) -> dict:
-    run_config = dict(DEFAULT_RUN_CONFIG)
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            run_config[key] = str(value) if isinstance(value, Path) else value
-    if args.model is not None:
-        run_config["model"] = str(args.model.resolve())
-    return run_config
+class _NotRunSimulationDeprecation(logging.Filter):
+    """Flower 1.42 deprecates `run_simulation` for `flwr run`, which needs the app as a project folder and a
+    SuperLink process of its own; an installed edfed has neither. `run_simulation` runs the same ServerApp and
+    ClientApp in Flower's simulation engine in this process (flwr is pinned, see pyproject)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool = False) -> dict:
@@ -63,9 +53,12 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
     progress = progress_bar(not quiet)
     task = progress.add_task("federated rounds", total=int(run_config["num-server-rounds"]), status="")
 
-    def on_round(server_round: int, total: int, aurocs: dict) -> None:
+    def on_round(server_round: int, total: int, aurocs: dict, seconds: float) -> None:
         status = " ".join(f"{o.split('_')[0]} {v:.3f}" for o, v in aurocs.items())
         progress.update(task, completed=server_round, total=total, status=f"val AUROC {status}" if status else "")
+        # A line per round too, so a log file (CI, nohup) shows progress where the bar cannot.
+        progress.console.print(f"round {server_round}/{total}: {seconds:.0f} s" + (f", val AUROC {status}"
+                                                                                  if status else ""))
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
@@ -76,8 +69,13 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
             outcome["error"] = exc
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: opt in to Ray's future default
+    # Ray starts its workers 15 nice levels below the driver: any other load on the machine (the coordinator's
+    # own pooled evaluation, another service) then starves the six sites' training. They are the job here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Flower logs every record at INFO; keep its warnings (failed or rejected sites) and our progress bar.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("flwr").addFilter(_NotRunSimulationDeprecation())
     # One CPU per virtual site: on 2 cores, two sites train at a time, each on one thread.
     with progress:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
@@ -143,7 +141,7 @@ def run_personalize(args: argparse.Namespace) -> dict:
     if not (args.run_dir / "run.json").exists():
         raise EdfedError(f"{args.run_dir}: no run.json; pass a copy of the coordinator's run folder "
                          "(run.json and checkpoints/)")
-    run_config = {**DEFAULT_RUN_CONFIG, **json.loads((args.run_dir / "run.json").read_text())["config"],
+    run_config = {**RUN_DEFAULTS, **json.loads((args.run_dir / "run.json").read_text())["config"],
                   "model": str(args.model or "")}  # the coordinator's encoder path means nothing here
     name = args.site_name or args.data.stem
     config, start = personalization_start(run_config, args.run_dir)
@@ -164,7 +162,7 @@ def _fit_at_each_site(config: TrainConfig, run_config: dict, cohort: pd.DataFram
     from simulations.central import fit_central, save_trainable_state
 
     # As many epochs over its data as the site gave the federation.
-    run_config = {**DEFAULT_RUN_CONFIG, **run_config}
+    run_config = {**RUN_DEFAULTS, **run_config}
     config = config.replace(epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
     tokenizer = load_tokenizer(config)
     results = {}
@@ -187,6 +185,7 @@ def _fit_at_each_site(config: TrainConfig, run_config: dict, cohort: pd.DataFram
 def run_simulate(args: argparse.Namespace) -> dict:
     console = make_console()
     started = time.perf_counter()
+    phases = Phases(console)
     if args.resume:
         meta = json.loads((args.resume / "run.json").read_text()) if (args.resume / "run.json").exists() else None
         if meta is None:
@@ -199,21 +198,27 @@ def run_simulate(args: argparse.Namespace) -> dict:
             from simulations.cohort import generate_cohort
 
             console.print(f"{data_dir} does not exist: generating the default simulated cohort there")
-            generate_cohort(data_dir, seed=args.seed or 0)
+            with phases("cohort"):
+                generate_cohort(data_dir, seed=args.seed or 0)
         run_config = run_config_from_args(args)
         out = args.out or Path("runs") / f"federated-{datetime.now():%Y%m%d-%H%M%S}"
         run_config.update({"data-dir": str(data_dir.resolve()), "run-dir": str(out.resolve())})
-    load_cohort(data_dir, int(run_config["seed"]))  # every site passes the contract before anything runs
+    with phases("contract check"):
+        load_cohort(data_dir, int(run_config["seed"]))  # every site passes the contract before anything runs
     n_sites = len(site_files(data_dir))
     epsilon = float(run_config["epsilon"])
     console.print(f"simulating {n_sites} sites, {run_config['num-server-rounds']} rounds of "
                   f"{run_config['strategy']}, per-site epsilon {'off' if math.isinf(epsilon) else epsilon}")
-    summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
+    with phases("federation"):
+        summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
     run_dir = Path(str(run_config["run-dir"]))
     if getattr(args, "local_baselines", False):
-        summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
+        with phases("local baselines"):
+            summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
     if getattr(args, "personalize", False):
-        summary["personalized"] = personalized_models(run_config, data_dir, run_dir)
+        with phases("personalization"):
+            summary["personalized"] = personalized_models(run_config, data_dir, run_dir)
+    summary["timings"] = {**phases.seconds, **summary.get("timings", {})}
     summary["wall_seconds_total"] = time.perf_counter() - started
     summary["federation_overhead"] = summary["wall_seconds"] / max(summary["client_train_seconds"], 1e-9)
     write_summary(run_dir, summary)

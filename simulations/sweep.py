@@ -110,11 +110,11 @@ def local_only_reference(run_config: dict, data_dir: Path, out_dir: Path) -> dic
 
     Computed once per seed, not per budget: it involves no DP, so it does not depend on epsilon.
     """
+    from common.config import train_config_from
     from common.data import VisitDataset
     from common.evaluation import score_test
     from common.features import load_tokenizer
     from common.train import cache_frozen_layers, predict
-    from server.federation import train_config_from
     from simulations.central import fit_central
 
     started = time.perf_counter()
@@ -284,22 +284,22 @@ def _check_settings(sweep_dir: Path, settings: dict) -> None:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """Every (epsilon, seed) point not yet on disk, its audit, the local-only reference per seed, the tables."""
-    from server.federation import DEFAULT_RUN_CONFIG
-    from simulations.federated import run_config_from_args
+    from common.config import RUN_DEFAULTS, run_config_from_args
 
     started = time.perf_counter()
     console = make_console()
     epsilons = parse_epsilons(args.epsilons)
     if args.seeds < 1:
         raise EdfedError(f"--seeds must be at least 1, got {args.seeds}")
-    seeds = [args.seed + k for k in range(args.seeds)]
+    first_seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
+    seeds = [first_seed + k for k in range(args.seeds)]
     data_dir = args.data.resolve()
     if not data_dir.exists():
         from simulations.cohort import generate_cohort
 
         console.print(f"{args.data} does not exist: generating the default simulated cohort there")
-        generate_cohort(data_dir, seed=args.seed)
-    load_cohort(data_dir, args.seed)  # every site passes the contract before anything runs
+        generate_cohort(data_dir, seed=first_seed)
+    load_cohort(data_dir, first_seed)  # every site passes the contract before anything runs
     if args.audit_site not in site_files(data_dir):
         raise EdfedError(f"--audit-site {args.audit_site}: no such site in {data_dir} "
                          f"(sites: {', '.join(site_files(data_dir))})")
@@ -331,7 +331,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
             console.rule(f"local-only reference, seed {seed}")
             shutil.rmtree(local, ignore_errors=True)  # a half-written one: start over
             local.mkdir(parents=True)
-            run_config = {**DEFAULT_RUN_CONFIG, **run_config_from_args(args), "seed": seed, "data-dir": str(data_dir)}
+            run_config = {**RUN_DEFAULTS, **run_config_from_args(args), "seed": seed, "data-dir": str(data_dir)}
             local_only_reference(run_config, data_dir, local)
     summary = write_results(sweep_dir, settings, started)
     console.print(f"wrote {sweep_dir / 'results.md'}, results.csv and privacy_utility.png "

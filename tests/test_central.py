@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from common.cli import main
+from common.config import RUN_DEFAULTS, run_config_from_args
 from common.contract import OUTCOMES
 from common.data import patient_split
-from server.federation import DEFAULT_RUN_CONFIG
+from simulations.central import config_from_args
 from simulations.cohort import generate_cohort
 
 
@@ -31,8 +31,14 @@ def test_central_training_writes_the_interface_summary(cohort, tmp_path, tiny_en
     for outcome in OUTCOMES:
         metrics = summary["final"][outcome]
         assert {"auroc", "auprc", "brier", "ece", "n", "oracle_auroc"} <= set(metrics)
-        assert 0 <= metrics["auroc"] <= 1 and metrics["n"] > 0 and 0.5 < metrics["oracle_auroc"] <= 1
+        assert metrics["auroc"] > 0.55 and metrics["n"] > 0 and 0.5 < metrics["oracle_auroc"] <= 1
         assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    # It learned: two epochs of a tiny random encoder still find the structured signal (measured ~0.72).
+    assert sum(summary["final"][o]["auroc"] for o in OUTCOMES) / len(OUTCOMES) > 0.65
+    assert summary["history"][-1]["val_mean_auroc"] > summary["history"][0]["val_mean_auroc"] - 0.02
+    assert set(summary["timings"]) >= {"contract_check_seconds", "frozen-layer_caching_seconds",
+                                       "test_evaluation_seconds", "epochs"} and len(summary["timings"]["epochs"]) == 2
+    assert summary["machine"]["precision"] in ("bf16", "fp32")
     assert set(summary["per_site"]) == {f"site-{k}" for k in range(1, 7)}
     assert summary["config"]["model"] == str(tiny_encoder) and summary["config"]["epochs"] == 2
     assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").stat().st_size > 1000
@@ -69,12 +75,17 @@ def test_patient_split_is_by_patient_and_deterministic(cohort):
     assert not (split == pd.Series(patient_split(table["patient_id"], seed=1), index=table.index)).all()
 
 
-def test_flower_run_config_mirrors_the_defaults():
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    run_config = pyproject["tool"]["flwr"]["app"]["config"]
-    assert set(run_config) == set(DEFAULT_RUN_CONFIG)
-    for key, value in DEFAULT_RUN_CONFIG.items():
-        assert run_config[key] == value, key
+def test_flags_left_out_keep_the_files_defaults_and_given_flags_override_their_key():
+    from common.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--rounds", "3", "--max-tokens", "64", "--epsilon", "inf"])
+    run_config = run_config_from_args(args)
+    changed = {k for k in RUN_DEFAULTS if run_config[k] != RUN_DEFAULTS[k]}
+    assert changed == {"num-server-rounds", "max-tokens", "epsilon"}
+    assert run_config["num-server-rounds"] == 3 and run_config["max-tokens"] == 64
+    central = config_from_args(build_parser().parse_args(["train", "central"]))
+    expected = RUN_DEFAULTS["central-lr"], RUN_DEFAULTS["central-epochs"], RUN_DEFAULTS["max-tokens"]
+    assert (central.lr, central.epochs, central.max_tokens) == expected
 
 
 def test_oracle_risks_align_when_sites_share_visit_ids(tmp_path):

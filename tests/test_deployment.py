@@ -11,6 +11,7 @@ Every process the test starts is stopped by the test (process trees, not just th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -107,6 +108,40 @@ def _flwr(env: dict, *args: str, timeout: float = 120) -> str:
     return done.stdout + done.stderr
 
 
+_ONE_SITE_ROUND = """
+import sys
+from pathlib import Path
+
+import client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
+from client.site import build_model, check_site, settings_from_configs, train_round
+from common.config import RUN_DEFAULTS, train_config_from
+
+data, encoder, scratch = sys.argv[1:4]
+settings = settings_from_configs({"data-path": data, "epsilon": 8.0, "delta": 1e-5, "site-name": "calibration",
+                                  "ledger-path": f"{scratch}/ledger.json", "cache-dir": f"{scratch}/cache",
+                                  "model-path": encoder}, {})
+config = train_config_from({**RUN_DEFAULTS, "model": encoder, "lr": 0.01})
+check_site(settings, config)
+train_round(settings, config, build_model(config, None).trainable_state(), run_id="calibration", server_round=1,
+            num_rounds=3, local_epochs=1)
+"""
+
+
+def _round_timeout(data: Path, encoder: Path, scratch: Path, sites: int) -> tuple[float, float]:
+    """(one site's first round alone, the round timeout derived from it) on this machine.
+
+    One site's first round runs in a fresh interpreter as a SuperNode runs it (imports, data check, model,
+    frozen-layer cache, noise plan, DP step). Round 1 starts all sites' processes at once on this machine's
+    cores, so it takes about that times sites / cores; the timeout allows three times that, plus the minute a
+    SuperLink takes to declare a killed node offline.
+    """
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", _ONE_SITE_ROUND, str(data), str(encoder), str(scratch)], cwd=REPO,
+                   check=True, capture_output=True, timeout=900)
+    alone = time.monotonic() - started
+    return alone, 3 * alone * math.ceil(sites / (os.cpu_count() or 1)) + 60
+
+
 def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_restart(deployment, tiny_encoder):
     root, processes, env = deployment
     timings: dict[str, float] = {}
@@ -153,7 +188,10 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     assert "Failed to activate SuperNode" in processes.log("unregistered")
     processes.running.pop("unregistered")
 
-    run_config = (f'num-server-rounds=3 model="{tiny_encoder}" data-dir="" lr=0.01 round-timeout=90 '
+    # Not a fixed number: a round on a slow 2-core CPU takes several times what it takes on a fast one.
+    timings["one site's round 1 alone"], round_timeout = _round_timeout(data / "site-1.parquet", tiny_encoder,
+                                                                       root / "calibration", len(SITES))
+    run_config = (f'num-server-rounds=3 model="{tiny_encoder}" data-dir="" lr=0.01 round-timeout={round_timeout:.0f} '
                   f'join-timeout=120 min-sites=3 run-dir="{root / "run"}"')
     run_dir, run_ids = root / "run", []
 
@@ -206,4 +244,4 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
                                                                     "note_assessment_plan"]] for k in SITES])
     lines = {line for note in notes.stack().dropna() for line in str(note).splitlines() if len(line) > 30}
     assert lines and not [line for line in lines if line in logs]
-    print("deployment timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    print(f"deployment timings (s; round-timeout {round_timeout:.0f} s):", {k: round(v, 1) for k, v in timings.items()})

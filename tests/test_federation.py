@@ -17,6 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from client.client_app import app as client_app
 from client.site import SiteSettings, dp_rng_seed, train_round
@@ -36,6 +38,7 @@ def server_identity():
 class InProcessGrid(Grid):
     def __init__(self, node_configs: dict[int, dict]) -> None:
         self.node_configs = node_configs
+        self.sent: list[Message] = []
         self.replies: list[Message] = []
 
     def set_run(self, run) -> None:  # pragma: no cover - not used in-process
@@ -60,6 +63,7 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            self.sent.append(msg)
             node = msg.metadata.dst_node_id
             context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
                               run_config={})
@@ -360,8 +364,8 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
 
     from client.site import build_model
 
-    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, bf16=False)
-    model = build_model(config, None)
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
+    model = build_model(config, None, precision="fp32")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -437,14 +441,14 @@ def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp
 
 
 def test_compact_auto_follows_the_runs_privacy_setting():
-    from server.federation import DEFAULT_RUN_CONFIG, train_config_from
+    from common.config import RUN_DEFAULTS, train_config_from
 
-    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0}).compact
-    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf}).compact
-    assert not train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": 8.0, "compact": False}).compact
-    assert train_config_from({**DEFAULT_RUN_CONFIG, "epsilon": math.inf, "compact": "true"}).compact
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0}).compact
+    assert not train_config_from({**RUN_DEFAULTS, "epsilon": math.inf}).compact
+    assert not train_config_from({**RUN_DEFAULTS, "epsilon": 8.0, "compact": False}).compact
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf, "compact": "true"}).compact
     with pytest.raises(EdfedError, match="compact must be"):
-        train_config_from({**DEFAULT_RUN_CONFIG, "compact": "sometimes"})
+        train_config_from({**RUN_DEFAULTS, "compact": "sometimes"})
 
 
 def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
@@ -452,11 +456,11 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
 
     import simulations.central
     from client.site import build_model
+    from common.config import train_config_from
     from common.data import VisitDataset
     from common.features import load_tokenizer
     from common.metrics import evaluate
     from common.train import cache_frozen_layers, predict
-    from server.federation import train_config_from
     from simulations.central import fit_central
     from simulations.federated import personalized_models
 
@@ -532,3 +536,39 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
     (handed / "run.json").unlink()
     assert main(["personalize", str(handed), "--data", str(cohort / "site-2.parquet")]) == 2
     assert "run.json" in capsys.readouterr().err
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the float formats that every matrix product and attention kernel actually ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(k in func.__name__ for k in ("mm", "matmul", "linear", "attention", "conv")):
+            self.dtypes |= {t.dtype for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, tiny_encoder, monkeypatch, native):
+    """Precision is each machine's own: detected where the model runs, never taken from the server."""
+    import common.precision
+
+    monkeypatch.delenv("EDFED_PRECISION", raising=False)
+    monkeypatch.setattr(common.precision, "native_bf16", lambda: native)
+    grid = InProcessGrid(_sim_nodes(2))
+    with _MatmulDtypes() as recorded:
+        summary = run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, **{
+            "num-server-rounds": 1, "num-sites": 2, "epsilon": 8.0}), pooled=True)
+    assert (torch.bfloat16 in recorded.dtypes) is native and torch.float32 in recorded.dtypes
+    expected = "bf16" if native else "fp32"
+    assert summary["precision"] == {"site-1": expected, "site-2": expected}
+    assert summary["coordinator"]["precision"] == expected
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["precision"] == summary["precision"]
+    train = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert [dict(r.content["metrics"])["bf16"] for r in train] == [float(native)] * 2
+    sent = next(m for m in grid.sent if m.metadata.message_type == "train").content["config"]
+    assert not {"bf16", "precision"} & set(json.loads(sent["train-config"])) and "precision" not in sent

@@ -14,10 +14,10 @@ from common.model import OutcomeModel, _mean_pool, per_example_loss
 N_STRUCT = len(structured_feature_names())
 
 
-def _model(tiny_encoder, **kw) -> OutcomeModel:
+def _model(tiny_encoder, precision: str = "fp32", **kw) -> OutcomeModel:
     torch.manual_seed(0)
-    config = TrainConfig(model=str(tiny_encoder), **{"bf16": False, "lora_layers": 1, **kw})
-    model = OutcomeModel(config, N_STRUCT)
+    config = TrainConfig(model=str(tiny_encoder), **{"lora_layers": 1, **kw})
+    model = OutcomeModel(config, N_STRUCT, precision=precision)
     with torch.no_grad():  # LoRA B starts at zero; make the adapters matter for the comparisons
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -50,7 +50,7 @@ def test_split_forward_equals_the_encoders_own_forward(tiny_encoder):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cached_frozen_layers_give_same_logits_and_gradients(tiny_encoder, bf16):
-    model = _model(tiny_encoder, bf16=bf16)
+    model = _model(tiny_encoder, precision="bf16" if bf16 else "fp32")
     model.train()
     batch = _batch()
 

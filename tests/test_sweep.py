@@ -92,7 +92,8 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
     sweep = json.loads((out / "summary.json").read_text())
     assert sweep["kind"] == "privacy-sweep"
     assert [b["epsilon"] for b in sweep["budget_vs_leakage"]] == ["2", "inf"]
-    assert all(0 <= b["attack_auroc"] <= 1 for b in sweep["budget_vs_leakage"])
+    audits = [json.loads((out / p / "audit.json").read_text())["auroc"] for p in ("eps-2/seed-0", "eps-inf/seed-0")]
+    assert [b["attack_auroc"] for b in sweep["budget_vs_leakage"]] == pytest.approx(audits)
     assert "local-only (each site alone, no DP)" in sweep["references"]
     markdown = (out / "results.md").read_text()
     assert "![privacy-utility](privacy_utility.png)" in markdown and "local-only" in markdown
