@@ -271,9 +271,25 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         assert ran <= {"operator"}, ran
         print("perimeter timings (s):", {k: round(v, 1) for k, v in timings.items()})
     finally:
-        children = [p for proc in processes.running.values() if psutil.pid_exists(proc.pid)
-                    for p in psutil.Process(proc.pid).children(recursive=True)]
-        processes.stop_all()
-        for child in children:  # app processes a SuperExec started and that outlived it
-            if child.is_running():
-                child.send_signal(signal.SIGKILL)
+        _stop_everything(processes)
+
+
+def _stop_everything(processes: Processes) -> None:
+    """Stop every process tree the test started, even when one is slow to stop (a loaded machine)."""
+    tree = []
+    for proc in processes.running.values():
+        try:
+            tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for name in list(processes.running):
+        try:
+            processes.stop(name)
+        except (subprocess.TimeoutExpired, psutil.Error):
+            pass  # killed below
+    for p in tree:  # what outlived a stop: app processes a SuperExec started, a process too slow to exit
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
