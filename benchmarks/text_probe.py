@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from client.site import SiteSettings, build_model, site_datasets
+from client.site import SiteSettings, build_model, site_dataset
 from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.data import site_files
@@ -55,9 +55,8 @@ def main() -> None:
     for name, path in site_files(args.data).items():
         settings = SiteSettings(name=name, data_path=path, epsilon=float("inf"), delta=1e-5,
                                 ledger_path=args.cache / f"{name}-unused-ledger.json", cache_dir=args.cache)
-        datasets = site_datasets(settings, config, model)
         for split in parts:
-            parts[split].append(features(model, datasets[split]))
+            parts[split].append(features(model, site_dataset(settings, config, model, split)))
     pooled = {s: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for s, ps in parts.items()}
     table = Table(title="linear probes, no DP: pooled test AUROC")
     for col in ("inputs", "width", *OUTCOMES):

@@ -1,19 +1,22 @@
 """The Flower ClientApp: a few lines of wiring around `client.site` (what runs in a hospital).
 
-A train reply holds the site's trainable arrays and a MetricRecord of scalars; an evaluate or
-check reply only scalars. No string, row or note ever goes into a reply. When the site cannot take
-part (its table breaks the data contract, its encoder differs, ...), it answers with an error
-whose reason is edfed's one-line message, which names files, columns and rules, never values.
+A train reply holds the site's trainable arrays and a MetricRecord of scalars; an evaluate reply
+only scalars; a check reply scalars and the site's configured name. No row, note, identifier or
+cell value ever goes into a reply. When the site cannot take part (its table breaks the data
+contract, its encoder differs, ...), it answers with an error whose reason is the off-site form of
+edfed's message: files, columns, rules and row numbers, never values. The site's own log keeps the
+full message for its staff.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from logging import ERROR
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
@@ -21,6 +24,8 @@ from flwr.common.logger import log
 from client.site import check_site, evaluate_site, settings_from_configs, train_round
 from common.config import TrainConfig
 from common.errors import EdfedError
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node reports nothing to Flower's telemetry
 
 app = ClientApp()
 
@@ -32,7 +37,8 @@ def _refuse_cleanly(handler: Callable[[Message, Context], Message]) -> Callable[
             return handler(msg, context)
         except EdfedError as exc:
             log(ERROR, "edfed: this site does not take part: %s", exc)  # the site's own log, no traceback
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"edfed: {exc}"), reply_to=msg)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"edfed: {exc.offsite}"),
+                           reply_to=msg)
     return guarded
 
 
@@ -40,8 +46,9 @@ def _site_and_config(msg: Message, context: Context):
     message_config = dict(msg.content["config"])
     settings = settings_from_configs(dict(context.node_config), message_config)
     config = TrainConfig.from_message(json.loads(message_config["train-config"]))
-    # The encoder is the site's own copy; the fingerprint check in train_round guards the match.
-    config = config.replace(model=settings.model_path) if settings.model_path else config
+    # The encoder is the site's own copy (its model-path, else the packaged default), never a path the server
+    # sends; the fingerprint check in train_round guards the match.
+    config = config.replace(model=settings.model_path)
     return settings, config, message_config
 
 
@@ -50,7 +57,8 @@ def _site_and_config(msg: Message, context: Context):
 def check(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     metrics = check_site(settings, config, expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                       "site": ConfigRecord({"site-name": settings.name})}), reply_to=msg)
 
 
 @app.train()
@@ -75,5 +83,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     metrics = evaluate_site(settings, config, msg.content["arrays"].to_torch_state_dict(),
-                            split=str(cfg.get("split", "val")))
+                            split=str(cfg.get("split", "val")), run_id=str(cfg.get("run-id", "")))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

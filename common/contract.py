@@ -3,7 +3,9 @@
 `load_site` reads one site's table (Parquet or CSV), applies an optional column mapping, checks every rule
 of the contract and returns a clean frame with the contract's dtypes. Every broken rule is collected first
 and raised together as one `EdfedError`, so a site can fix its file in one go. Messages name the file, the
-column, the first offending rows and the rule; they never contain any text from a note column.
+column, the first offending rows and the rule; they never contain any text from a note column. Each error
+also has an off-site form (`EdfedError.offsite`, what a site may send the coordinator): file name, column,
+rule and row numbers only, no visit id and no cell value. `edfed data check` shows the full one locally.
 
 Row numbers in messages count data rows from 1 (the CSV header is not a row).
 """
@@ -122,8 +124,9 @@ _DATE_MIN, _DATE_MAX = pd.Timestamp("1900-01-02"), pd.Timestamp("2100-12-31")
 # reading
 
 
-def _fail(path: Path, what: str) -> EdfedError:
-    return EdfedError(f"{path}: {what}")
+def _fail(path: Path, what: str, offsite: str | None = None) -> EdfedError:
+    """`offsite`: `what` without the quoted details (a reader's error text may quote the file's content)."""
+    return EdfedError(f"{path}: {what}", offsite=f"{path.name}: {what if offsite is None else offsite}")
 
 
 def _short(exc: BaseException) -> str:
@@ -141,14 +144,14 @@ def _read_raw(path: Path) -> pd.DataFrame:
         try:
             return pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise _fail(path, f"not Parquet/CSV: the content could not be read as Parquet "
-                              f"({_short(exc)}).") from None
+            unreadable = "not Parquet/CSV: the content could not be read as Parquet"
+            raise _fail(path, f"{unreadable} ({_short(exc)}).", f"{unreadable}.") from None
     if suffix in CSV_SUFFIXES:
         try:
             with path.open("rb") as fh:
                 head = fh.read(65536)
         except OSError as exc:
-            raise _fail(path, f"could not be opened ({_short(exc)}).") from None
+            raise _fail(path, f"could not be opened ({_short(exc)}).", "could not be opened.") from None
         if head.startswith(b"PAR1"):
             raise _fail(path, "not Parquet/CSV: the content is Parquet but the name ends in .csv; "
                               "rename it to .parquet.")
@@ -164,7 +167,7 @@ def _read_raw(path: Path) -> pd.DataFrame:
             hint = ("; the header looks ';'- or tab-separated, a site CSV must be comma-separated"
                     if b"," not in first and (b";" in first or b"\t" in first) else "")
             raise _fail(path, f"not Parquet/CSV: the content could not be parsed as CSV ({_short(exc)})"
-                              f"{hint}.") from None
+                              f"{hint}.", f"not Parquet/CSV: the content could not be parsed as CSV{hint}.") from None
     raise _fail(path, f"not Parquet/CSV: the file name ends in {path.suffix or '(no extension)'!r}; "
                       "a site table must be .parquet, .pq or .csv.")
 
@@ -304,21 +307,27 @@ def _date_range_checked(d: pd.Series, missing: np.ndarray, bad: np.ndarray):
 
 
 class _Problems:
-    """Collects rule violations; each names the column, the rule and the first offending rows."""
+    """Collects rule violations; each names the column, the rule and the first offending rows.
+
+    `items` (local) also quote each row's visit_id and value; `offsite` holds the same problems with row
+    numbers only.
+    """
 
     def __init__(self, visit_ids: np.ndarray | None) -> None:
         self.items: list[str] = []
+        self.offsite: list[str] = []
         self.visit_ids = visit_ids
 
-    def where(self, mask: np.ndarray, values: np.ndarray | None = None, show_values: bool = True) -> str:
+    def where(self, mask: np.ndarray, values: np.ndarray | None = None, show_values: bool = True,
+              offsite: bool = False) -> str:
         idx = np.flatnonzero(mask)
         parts = []
         for i in idx[:_MAX_ROWS_SHOWN]:
             ref = f"row {i + 1}"
-            vid = self.visit_ids[i] if self.visit_ids is not None else None
+            vid = self.visit_ids[i] if self.visit_ids is not None and not offsite else None
             if isinstance(vid, str) and vid:
                 ref += f" (visit_id {_clip(vid)})"
-            if show_values and values is not None:
+            if show_values and values is not None and not offsite:
                 ref += f": {_show(values[i])}"
             parts.append(ref)
         more = f"; and {len(idx) - _MAX_ROWS_SHOWN} more" if len(idx) > _MAX_ROWS_SHOWN else ""
@@ -329,9 +338,12 @@ class _Problems:
                  show_values: bool = True) -> None:
         if mask.any():
             self.items.append(f"{column}: {rule} in {self.where(mask, values, show_values)}")
+            self.offsite.append(f"{column}: {rule} in {self.where(mask, offsite=True)}")
 
     def add(self, text: str) -> None:
+        """A problem that names columns and rules only (no row, no value)."""
         self.items.append(text)
+        self.offsite.append(text)
 
 
 def _clip(text: str, width: int = 24) -> str:
@@ -486,16 +498,18 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str]) -> pd.DataF
 
 
 def _raise(path: Path, problems: _Problems) -> None:
-    items = problems.items
-    shown = items[:_MAX_PROBLEMS_SHOWN]
-    lines = [f"{path} does not follow the data contract ({len(items)} "
-             f"problem{'s' if len(items) != 1 else ''}):"]
-    lines += [f"  - {p}" for p in shown]
-    if len(items) > len(shown):
-        lines.append(f"  - ... and {len(items) - len(shown)} more problems")
-    lines.append("Row numbers count data rows from 1 (the header is not a row); "
-                 "`edfed data check FILE` re-checks a fixed file.")
-    raise EdfedError("\n".join(lines))
+    def text(name: str, items: list[str]) -> str:
+        shown = items[:_MAX_PROBLEMS_SHOWN]
+        lines = [f"{name} does not follow the data contract ({len(items)} "
+                 f"problem{'s' if len(items) != 1 else ''}):"]
+        lines += [f"  - {p}" for p in shown]
+        if len(items) > len(shown):
+            lines.append(f"  - ... and {len(items) - len(shown)} more problems")
+        lines.append("Row numbers count data rows from 1 (the header is not a row); "
+                     "`edfed data check FILE` re-checks a fixed file.")
+        return "\n".join(lines)
+
+    raise EdfedError(text(str(path), problems.items), offsite=text(path.name, problems.offsite))
 
 
 def load_site(path: Path | str, mapping: Path | str | dict | None = None) -> pd.DataFrame:

@@ -70,6 +70,8 @@ class VisitDataset(Dataset):
 
     def __init__(self, table: pd.DataFrame, tokenizer, config) -> None:
         self.visit_ids = table["visit_id"].to_numpy()
+        # patient-level DP samples and clips per patient (common.privacy)
+        self.patient_ids = table["patient_id"].to_numpy() if "patient_id" in table else None
         self.sites = table["site"].to_numpy() if "site" in table else np.full(len(table), "site")
         self.struct = torch.from_numpy(structured_features(table).copy())
         self.labels = torch.from_numpy(table[list(OUTCOMES)].to_numpy(np.float32, copy=True))

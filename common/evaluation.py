@@ -6,7 +6,6 @@ Central and federated runs both end here, so their `summary.json` numbers mean t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from rich.table import Table
 from common.contract import OUTCOMES
 from common.data import VisitDataset, load_oracle
 from common.display import make_console
+from common.files import atomic_write_text
 from common.metrics import evaluate
 from common.model import OutcomeModel
 from common.plots import plot_roc_and_calibration
@@ -72,11 +72,7 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically: a reader never sees half a file."""
-    path = out_dir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
 
 
 def print_metrics(final: dict, title: str, console: Console | None = None) -> None:
@@ -88,6 +84,36 @@ def print_metrics(final: dict, title: str, console: Console | None = None) -> No
         table.add_row(name, f"{m['auroc']:.3f} ({lo:.3f}-{hi:.3f})", f"{m.get('oracle_auroc', float('nan')):.3f}",
                       f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}", str(m["n"]), str(m["events"]))
     (console or make_console()).print(table)
+
+
+def print_peers(final: dict, peers: dict, console: Console | None = None, model_label: str = "edfed model",
+                per_site: dict | None = None) -> None:
+    """The model's test AUROC next to its regression peers' (`common.peers`) on the same rows, pooled; with
+    `per_site` (a federation's), also each site's model AUROC next to that site's own regressions."""
+    from common.peers import PEER_LABELS
+
+    table = Table(title="held-out test, pooled: the model and its regression peers (AUROC, same test rows)")
+    for col in ("model", *OUTCOMES):
+        table.add_column(col)
+    rows = [(model_label, final), *((PEER_LABELS[p], m) for p, m in peers.get("pooled", {}).items())]
+    for label, metrics in rows:
+        table.add_row(label, *(f"{metrics[o]['auroc']:.3f}" if o in metrics else "-" for o in OUTCOMES))
+    table.add_row("true risk (oracle ceiling)", *(f"{final[o].get('oracle_auroc', float('nan')):.3f}"
+                                                 if o in final else "-" for o in OUTCOMES))
+    console = console or make_console()
+    console.print(table)
+    if per_site and peers.get("local"):
+        sites = Table(title="per site: the model against each site's own regressions (AUROC on its test visits)")
+        names = [p for p in PEER_LABELS if any(p in v for v in peers["local"].values())]
+        for col in ("site", "outcome", model_label, *(f"local {p}" for p in names), "n", "events"):
+            sites.add_column(col)
+        for site, local in peers["local"].items():
+            for o in OUTCOMES:
+                m = per_site.get(site, {}).get(o, {})
+                sites.add_row(site, o, f"{m.get('auroc', float('nan')):.3f}",
+                              *(f"{local[p][o]['auroc']:.3f}" for p in names),
+                              str(local[names[0]][o]["n"]), str(local[names[0]][o]["events"]))
+        console.print(sites)
 
 
 class PooledEvaluation:

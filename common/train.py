@@ -1,7 +1,8 @@
 """The one local training step and evaluation, shared by centralized, federated and DP runs.
 
 `train_epoch` is the step a site runs; DP wraps the same model, optimizer and loader with Opacus
-and FedProx passes a proximal term, but neither gets a loop of its own.
+and FedProx passes a proximal term, but neither gets a loop of its own. Patient-level DP adds one
+line to it: a batch's patient index goes to the optimizer, which clips per patient.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def train_epoch(model: OutcomeModel, loader: Iterable[dict], optimizer: torch.op
     for batch in loader:
         if len(batch["labels"]) == 0:  # Poisson sampling (DP) can draw an empty batch
             continue
+        patients = batch.pop("patient", None)
+        if patients is not None:  # patient-level DP: the optimizer clips each patient's summed gradient
+            optimizer.group_by(patients)
         optimizer.zero_grad(set_to_none=True)
         losses = model.training_loss(batch)
         losses.mean().backward()

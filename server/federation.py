@@ -30,6 +30,7 @@ from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_bytes, update_problem
 from common.features import structured_feature_names
+from common.files import atomic_write, atomic_write_text, private_dir
 from common.model import OutcomeModel
 from common.precision import machine_facts
 
@@ -48,6 +49,11 @@ class CheckedAggregation:
         self.reply_bytes: list[int] = []
         self.asked: dict[int, set[int]] = {}
         self.round_offset = 0  # rounds done before a resume: reports are keyed by the run's round number
+        self.site_names: dict[int, str] = {}  # node -> the unique site-name it joined with (check_sites)
+        self.releasing: set[int] = set()  # nodes whose release policy answers evaluate messages
+
+    def site_of(self, node: int) -> str:
+        return self.site_names.get(node, f"node-{node}")
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -78,10 +84,10 @@ class CheckedAggregation:
                 self.rejected.append({"round": server_round, "node": node, "why": "failed"})
                 continue
             metrics = dict(msg.content["metrics"]) if "metrics" in msg.content else {}
-            site = f"site-{int(metrics['site-id'])}" if "site-id" in metrics else f"node-{node}"
+            site = self.site_of(node)
             reports[site] = metrics
             if "arrays" not in msg.content:
-                why = "refused the round: privacy budget" if metrics.get("refused") else "sent no update"
+                why = REFUSALS.get(int(metrics.get("refused", 0)), "sent no update")
                 log(WARNING, "round %d: %s %s", server_round, site, why)
                 self.rejected.append({"round": server_round, "site": site, "why": why})
                 continue
@@ -98,6 +104,9 @@ class CheckedAggregation:
                 server_round, len(accepted), self.min_sites)
             return None, None
         return super().aggregate_train(strategy_round, accepted)
+
+
+REFUSALS = {1: "refused the round: privacy budget", 2: "refused the round: it had already trained this round"}
 
 
 class CheckedFedAvg(CheckedAggregation, FedAvg):
@@ -151,7 +160,9 @@ def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set
     """Wait for `num-sites` sites (up to `join-timeout` s), then ask each to check itself.
 
     A site checks its encoder, its table against the data contract and its privacy ledger; one that
-    fails answers with the reason and is left out of the run. Fewer than `min-sites` left: stop.
+    fails answers with the reason and is left out of the run. A site is known by its `site-name`; a second
+    node with a name already taken is left out too (its reports would overwrite the first's). Fewer than
+    `min-sites` left: stop. Returns (joined nodes, site name -> check report, refusals).
     """
     expected, min_sites = int(run_config["num-sites"]), int(run_config["min-sites"])
     deadline = time.monotonic() + float(run_config["join-timeout"])
@@ -168,7 +179,12 @@ def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set
             refused.append({"node": node, "why": reply.error.reason[:500]})
             continue
         metrics = dict(reply.content["metrics"])
-        site = f"site-{int(metrics['site-id'])}"
+        site = str(dict(reply.content["site"])["site-name"]) if "site" in reply.content else ""
+        if not site or site in sites:
+            why = f"site-name {site!r} is already taken by node {sites[site]['node']}" if site else "no site-name"
+            log(WARNING, "node %s does not join this run: %s", node, why)
+            refused.append({"node": node, "why": why})
+            continue
         sites[site] = {"node": node, **metrics}
         joined.add(node)
         log(INFO, "%s (node %s) joins: %d visits, epsilon budget %s", site, node, metrics["rows"],
@@ -182,8 +198,9 @@ def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set
 
 
 def evaluate_at_sites(grid: Grid, joined: set[int], state: dict[str, torch.Tensor], config: ConfigRecord,
-                      timeout: float) -> dict[str, dict]:
-    """Deployment: each site scores the final global model on its own test split; only AUROCs come back."""
+                      timeout: float, names: dict[int, str]) -> dict[str, dict]:
+    """Deployment: each site that releases metrics scores the final global model on its own test split; only
+    AUROCs come back. An undefined AUROC (a site's test split with one class) stays NaN, never 0.5."""
     content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({**dict(config), "split": "test"})})
     messages = [Message(content, dst_node_id=node, message_type="evaluate")
                 for node in grid.get_node_ids() if node in joined]
@@ -194,8 +211,10 @@ def evaluate_at_sites(grid: Grid, joined: set[int], state: dict[str, torch.Tenso
                 reply.error.reason[:300])
             continue
         metrics = dict(reply.content["metrics"])
-        per_site[f"site-{int(metrics['site-id'])}"] = {
-            outcome: {"auroc": metrics[f"{outcome}-auroc"], "n": int(metrics["num-examples"])} for outcome in OUTCOMES}
+        node = reply.metadata.src_node_id
+        per_site[names.get(node, f"node-{node}")] = {
+            outcome: {"auroc": float(metrics.get(f"{outcome}-auroc", math.nan)), "n": int(metrics["num-examples"])}
+            for outcome in OUTCOMES}
     return dict(sorted(per_site.items()))
 
 
@@ -217,21 +236,19 @@ class RunFolder:
             if (self.path / "summary.json").exists() or self.checkpoints.exists():
                 raise EdfedError(f"{self.path} already holds a run; use --resume {self.path} or another --out")
             meta = {"run-id": uuid.uuid4().hex[:12], "config": run_config, "started": datetime.now().isoformat()}
-        self.path.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps(meta, indent=1))
+        private_dir(self.path)  # the coordinator's: arrays the sites' budgets paid for
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
         return meta
 
     def record(self, meta: dict, facts: dict) -> None:
         meta.update(facts)
-        (self.path / "run.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(self.path / "run.json", json.dumps(meta, indent=1))
 
     def save_history(self, strategy: CheckedAggregation, rounds: dict[int, dict]) -> None:
         """What the summary reports about past rounds, kept so that a resumed run's summary covers them."""
         history = {"reports": {str(k): v for k, v in strategy.reports.items()}, "rejected": strategy.rejected,
                    "rounds": {str(k): v for k, v in rounds.items()}}
-        tmp = self.path / ".history.tmp"
-        tmp.write_text(json.dumps(history, indent=1))
-        tmp.replace(self.path / "history.json")
+        atomic_write_text(self.path / "history.json", json.dumps(history, indent=1))
 
     def load_history(self, strategy: CheckedAggregation, rounds: dict[int, dict], upto: int) -> None:
         path = self.path / "history.json"
@@ -250,18 +267,17 @@ class RunFolder:
 
     def save_round(self, server_round: int, model: OutcomeModel, state: dict[str, torch.Tensor]) -> None:
         """The round's global state (for resume) and, as the latest, a plain PEFT adapter folder."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoints / f".round-{server_round}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        tmp.replace(self.checkpoints / f"round-{server_round}.safetensors")
+        private_dir(self.checkpoints)
+        atomic_write(self.checkpoints / f"round-{server_round}.safetensors",
+                     lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
         model.load_trainable_state(state)
         if model.encoder is not None:
             model.encoder.save_pretrained(self.path / "adapter")
         # Everything outside the encoder, frozen parts too (compact's frozen projection and fusion are the seeded
         # ones, but the adapter folder should not depend on torch reproducing that seed).
         heads = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("encoder.")}
-        (self.path / "adapter").mkdir(exist_ok=True)
-        save_file(heads, self.path / "adapter" / "edfed_heads.safetensors")
+        private_dir(self.path / "adapter")
+        atomic_write(self.path / "adapter" / "edfed_heads.safetensors", lambda tmp: save_file(heads, tmp))
 
 
 def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=None) -> dict:
@@ -292,9 +308,9 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
         "train-config": json.dumps({k: v for k, v in config.to_dict().items() if k != "extra"}),
         "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
-        "dp-clipping": str(run_config["dp-clipping"]),
+        "dp-clipping": str(run_config["dp-clipping"]), "site-privacy-unit": str(run_config["privacy-unit"]),
         "encoder-fingerprint": fingerprint, "frozen-fingerprint": meta["frozen-fingerprint"],
-        "site-epsilon": float(run_config["epsilon"]),
+        "site-epsilon": float(run_config["epsilon"]), "noise-draw": int(run_config["noise-draw"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(folder.path), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),
     })
@@ -334,6 +350,8 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
         joined, sites, refused = check_sites(grid, train_config, run_config)
         timings["join_seconds"] = time.perf_counter() - joining
         round_started[0] = time.perf_counter()
+        strategy.site_names = {info["node"]: site for site, info in sites.items()}
+        strategy.releasing = {info["node"] for info in sites.values() if info.get("releases-metrics")}
         result = strategy.start(grid=JoinedSites(grid, joined), initial_arrays=ArrayRecord(state),
                                 num_rounds=total_rounds - done, timeout=float(run_config["round-timeout"]),
                                 train_config=train_config,
@@ -345,11 +363,12 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     scoring = time.perf_counter()
     summary = build_summary(run_config, meta, folder, model, strategy, rounds, evaluation, total_rounds)
     summary["sites"], summary["refused_sites"] = sites, refused
-    if evaluation is None and joined:
-        summary["per_site"] = evaluate_at_sites(grid, joined, final_state, train_config,
-                                                float(run_config["round-timeout"]))
+    if evaluation is None and strategy.releasing:
+        summary["per_site"] = evaluate_at_sites(grid, strategy.releasing, final_state, train_config,
+                                                float(run_config["round-timeout"]), strategy.site_names)
     timings["final_evaluation_seconds"] = time.perf_counter() - scoring
-    # Each site's first round in this run read, checked, tokenized and cached its data (its own report).
+    # Each site's first round in this run read, checked, tokenized and cached its data (its own report, where
+    # its release policy shares timing: simulated sites do).
     first = {site: m["data-seconds"] for r in sorted(strategy.reports, reverse=True)
              for site, m in strategy.reports[r].items() if "data-seconds" in m}
     timings["site_data_seconds"] = dict(sorted(first.items()))
@@ -370,8 +389,9 @@ def build_summary(run_config, meta, folder, model, strategy, rounds, evaluation,
         privacy[site] = {"epsilon": m.get("epsilon", math.inf), "delta": m.get("delta", float(run_config["delta"])),
                          "noise_multiplier": m.get("noise-multiplier", 0.0), "sample_rate": m.get("sample-rate"),
                          "steps": int(sum(r.get(site, {}).get("steps", 0) for r in reports.values())),
+                         "unit": {1.0: "patient", 0.0: "visit"}.get(m.get("patient-level"), "none"),
                          "budget": m.get("epsilon-budget", math.inf), "refused_rounds": int(sum(
-                             r.get(site, {}).get("refused", 0) for r in reports.values()))}
+                             bool(r.get(site, {}).get("refused", 0)) for r in reports.values()))}
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sent = strategy.reply_bytes
     summary = {

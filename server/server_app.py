@@ -6,6 +6,7 @@ pooled held-out data only when it can read the sites' files, i.e. in simulation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
 
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # the coordinator reports nothing to Flower's telemetry
 app = ServerApp()
 
 

@@ -19,10 +19,11 @@ from common.config import TrainConfig
 from common.data import VisitDataset, load_cohort
 from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, print_metrics, write_summary
+from common.evaluation import evaluate_on_test, print_metrics, print_peers, write_summary
 from common.features import load_tokenizer, structured_feature_names
 from common.metrics import evaluate
 from common.model import OutcomeModel
+from common.peers import regression_peers
 from common.precision import machine_facts
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
@@ -125,6 +126,9 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
         final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out,
                                            title or f"central, {config.modality}",
                                            out / "predictions.parquet" if predictions else None)
+    # The regressions a statistician fits first, on the same training and test rows: does the model earn its cost?
+    with phases("regression peers"):
+        peers = regression_peers(train, test, data_dir, config.bootstrap, config.seed, console=console)
     trainable_bytes = sum(t.numel() * t.element_size() for t in model.trainable_state().values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     summary = {
@@ -132,6 +136,7 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
         "config": {**config.to_dict(), "data": str(data_dir)},
         "final": final,
         "per_site": per_site,
+        "peers": peers,
         "privacy": {},
         "communication": {"bytes_sent_per_client_round": 0, "trainable_bytes": trainable_bytes,
                           "full_model_bytes": full_bytes},
@@ -143,5 +148,6 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
     }
     write_summary(out, summary)
     print_metrics(final, f"held-out test, pooled ({config.modality})", console)
+    print_peers(final, peers, console, f"edfed {config.modality}")
     console.print(f"wrote {out / 'summary.json'} ({summary['wall_seconds']:.0f} s)")
     return summary

@@ -146,6 +146,27 @@ READMIT_WARD_INTERCEPT = -3.3
 BOUNCE_BACK = {"intercept": -3.2, "hypoxia": 0.45, "four_c": 0.10}
 DEATH_IN_INDEX_STAY = {"L0": 0.88, "L1": 0.60}  # P(death happens before leaving hospital | death in 30 d)
 
+# `--harder` only (docs/cohort.md, "Harder cohort"): log-odds of 30-day death added by calendar date.
+CALENDAR_MORTALITY = {"early": 0.60, "early_full_until": "2020-05-01", "early_gone_by": "2020-08-01",
+                      "alpha": 0.35, "alpha_peak": "2021-01-15", "alpha_sd_days": 30.0,
+                      "vaccine_70plus": -0.90, "vaccine_from": "2021-01-15", "vaccine_ramp_days": 75.0}
+
+
+def calendar_mortality_shift(day: np.ndarray, age: np.ndarray) -> np.ndarray:
+    """Log-odds of 30-day death added at `day` (days after DATE_START) for patients of `age` (`--harder`).
+
+    Early 2020 care was deadlier (adjusted mortality fell by about two thirds from March to August 2020, and
+    dexamethasone from June 2020 cut it further), the Alpha variant was more lethal in winter 2020/21, and
+    vaccination from January 2021 protected the over-70s first; sources in docs/cohort.md.
+    """
+    c = CALENDAR_MORTALITY
+    at = {k: float((np.datetime64(c[k], "D") - DATE_START).astype(int))
+          for k in ("early_full_until", "early_gone_by", "alpha_peak", "vaccine_from")}
+    early = c["early"] * np.clip((at["early_gone_by"] - day) / (at["early_gone_by"] - at["early_full_until"]), 0, 1)
+    alpha = c["alpha"] * np.exp(-0.5 * ((day - at["alpha_peak"]) / c["alpha_sd_days"]) ** 2)
+    vaccine = c["vaccine_70plus"] * (age >= 70) * np.clip((day - at["vaccine_from"]) / c["vaccine_ramp_days"], 0, 1)
+    return early + alpha + vaccine
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
@@ -206,7 +227,7 @@ def _arrival_dates(rng: np.random.Generator, n: int, wave1_share: float) -> np.n
 
 
 def simulate_site(k: int, n: int, rng: np.random.Generator, profile: SiteProfile | None = None,
-                  notes: bool = True) -> dict:
+                  notes: bool = True, harder: bool = False) -> dict:
     """Simulate site k with n visits. Returns {"table", "oracle", "latent", "events"} column dicts.
 
     "table" has the contract's columns (in order), "oracle" the true risks, "latent" the hidden traits and
@@ -309,7 +330,10 @@ def simulate_site(k: int, n: int, rng: np.random.Generator, profile: SiteProfile
     eta_m_struct = (MORTALITY["four_c"] * (c4 - 8) + MORTALITY["labs"] * lab + MORTALITY["urea"] * urea_z
                     + MORTALITY["crp"] * crp_z + MORTALITY["hypotension"] * hypot)
     eta_m_note = MORTALITY["H"] * H + MORTALITY["L"] * L + MORTALITY["F"] * F
-    m = _sigmoid(MORTALITY["intercept"] + eta_m_struct + eta_m_note)
+    if harder:  # calendar waves; no random draw, so every other column stays as in the default cohort
+        m = _sigmoid(MORTALITY["intercept"] + eta_m_struct + eta_m_note + calendar_mortality_shift(day, a_v))
+    else:
+        m = _sigmoid(MORTALITY["intercept"] + eta_m_struct + eta_m_note)
 
     eta_h_struct = (HOME["four_c"] * (c4 - 8) + HOME["hypoxia"] * hypoxia + HOME["labs"] * lab
                     + HOME["crp"] * crp_z)
@@ -929,8 +953,12 @@ def _check_args(n_sites, visits_per_site, seed) -> None:
         raise EdfedError(f"cohort: the seed must be a whole number >= 0, not {seed!r}.")
 
 
-def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = None, seed: int = 0) -> Path:
+def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = None, seed: int = 0,
+                    harder: bool = False) -> Path:
     """Write the simulated cohort into the folder `out` (which must not exist or be empty); returns it.
+
+    `harder` adds effects the default cohort lacks (docs/cohort.md, "Harder cohort"); without it the files are
+    exactly those of earlier versions.
 
     Everything is built in a hidden sibling folder and renamed into place at the end, so `out` is either
     complete or absent. The same seed gives byte-identical files.
@@ -957,7 +985,8 @@ def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = N
             "generator_version": GENERATOR_VERSION,
             "settings": {"n_sites": int(n_sites), "visits_per_site": visits_per_site
                          if visits_per_site is None else int(visits_per_site), "seed": int(seed),
-                         "site_sizes": sizes, "date_range": [str(DATE_START), str(DATE_END)]},
+                         "site_sizes": sizes, "date_range": [str(DATE_START), str(DATE_END)],
+                         **({"harder": {"calendar_mortality": CALENDAR_MORTALITY}} if harder else {})},
             "files": {"sites": [f"site-{k}.parquet" for k in range(1, n_sites + 1)],
                       "oracle": [f"oracle/site-{k}.parquet" for k in range(1, n_sites + 1)]},
             "sites": {},
@@ -970,7 +999,7 @@ def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = N
             task = progress.add_task("simulating sites", total=n_sites)
         try:
             for k, (n, rng) in enumerate(zip(sizes, site_rngs, strict=True), start=1):
-                sim = simulate_site(k, n, rng)
+                sim = simulate_site(k, n, rng, harder=harder)
                 _write_parquet(sim["table"], _SCHEMA, tmp / f"site-{k}.parquet")
                 _write_parquet(sim["oracle"], _ORACLE_SCHEMA, tmp / "oracle" / f"site-{k}.parquet")
                 summary["sites"][f"site-{k}"] = _summary(k, site_profile(k), sim)

@@ -26,8 +26,9 @@ from common.contract import OUTCOMES
 from common.data import load_cohort, load_site_splits, site_files
 from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, write_summary
+from common.evaluation import evaluate_on_test, print_peers, write_summary
 from common.features import load_tokenizer
+from common.peers import federation_peers
 
 
 class _NotRunSimulationDeprecation(logging.Filter):
@@ -212,6 +213,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
     with phases("federation"):
         summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
     run_dir = Path(str(run_config["run-dir"]))
+    with phases("regression peers"):  # the regressions a statistician fits first, on the same rows
+        summary["peers"] = federation_peers(data_dir, int(run_config["seed"]), console=console)
     if getattr(args, "local_baselines", False):
         with phases("local baselines"):
             summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
@@ -237,6 +240,8 @@ def print_federated(summary: dict, console: Console) -> None:
             table.add_row(outcome, f"{m['auroc']:.3f}", f"{m.get('oracle_auroc', float('nan')):.3f}",
                           f"{m['auprc']:.3f}", f"{m['brier']:.3f}", f"{m['ece']:.3f}")
     console.print(table)
+    if summary.get("peers"):
+        print_peers(summary["final"], summary["peers"], console, "federated model", summary.get("per_site"))
     privacy = Table(title="per-site privacy (example-level, RDP accountant)")
     for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "refused rounds"):
         privacy.add_column(col)

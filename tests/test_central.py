@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.cli import main
+from cli.main import main
 from common.config import RUN_DEFAULTS, run_config_from_args
 from common.contract import OUTCOMES
 from common.data import patient_split
@@ -76,7 +76,7 @@ def test_patient_split_is_by_patient_and_deterministic(cohort):
 
 
 def test_flags_left_out_keep_the_files_defaults_and_given_flags_override_their_key():
-    from common.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["simulate", "--rounds", "3", "--max-tokens", "64", "--epsilon", "inf"])
     run_config = run_config_from_args(args)

@@ -269,3 +269,41 @@ def test_default_site_sizes() -> None:
     three = site_sizes(3, None)
     assert three[0] == 1600 and three[-1] == 500 and 500 < three[1] < 1600
     assert site_sizes(4, 250) == [250] * 4
+
+
+def _content_hash(folder: Path) -> str:
+    """The cohort's contents (table values, not Parquet bytes, which carry the writer's version) and cohort.json."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".parquet":
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(pd.util.hash_pandas_object(pd.read_parquet(path), index=False).to_numpy().tobytes())
+        elif path.suffix == ".json":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_default_cohort_is_unchanged_by_the_harder_options(tmp_path):
+    # Recorded from the generator before `--harder` existed (version 1): tests and README figures rest on it.
+    data = generate_cohort(tmp_path / "c", n_sites=2, visits_per_site=120, seed=0)
+    assert _content_hash(data) == "2b60b8cd73c88150a44b1f6e2ccd59f50fa4b01dbf585879f3fccbdd5cbd7331"
+
+
+def test_harder_cohort_moves_mortality_with_the_calendar():
+    from simulations.cohort import DATE_START, MORTALITY, calendar_mortality_shift
+
+    hard = simulate_site(1, 800, np.random.default_rng(4), harder=True)
+    t, lat = hard["table"], hard["latent"]
+    day = (t["arrival_date"] - DATE_START).astype("timedelta64[D]").astype(float)
+    shift = calendar_mortality_shift(day, t["age"])
+    risk = hard["oracle"]["risk_mortality_30d"]
+    without = MORTALITY["intercept"] + lat["eta_mortality_structured"] + lat["eta_mortality_notes"]
+    np.testing.assert_allclose(np.log(risk / (1 - risk)) - without, shift, atol=1e-9)  # the oracle knows the date
+    spring, summer = day < 61, (day > 160) & (day < 240)  # March-April 2020 against August-October 2020
+    assert shift[spring].min() > 0.5 and np.abs(shift[summer]).max() < 0.01
+    assert shift[(t["age"] >= 70) & (day > 450)].max() < -0.8  # the vaccinated over-70s of spring 2021
+    plain = simulate_site(1, 800, np.random.default_rng(4))
+    plain_spring = plain["table"]["arrival_date"] < DATE_START + np.timedelta64(61, "D")
+    assert np.mean(plain["oracle"]["risk_mortality_30d"][plain_spring]) < np.mean(risk[spring])

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-from common.cli import main
+from cli.main import main
 from common.credentials import init_coordinator, site_key
 from common.errors import EdfedError
 

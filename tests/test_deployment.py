@@ -25,7 +25,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from common.cli import main as edfed
+from cli.main import main as edfed
 from simulations.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
@@ -167,7 +167,7 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
         _flwr(env, "supernode", "register", str(creds / f"ed-site-{k}.pub"), "edfed", "--name", f"ed-site-{k}")
 
     def start_site(k: int) -> None:
-        node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 '
+        node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
                        f'ledger-path="{root / "hospital" / f"site-{k}.ledger.json"}" '
                        f'cache-dir="{root / "hospital" / f"cache-{k}"}" model-path="{tiny_encoder}"')
         processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",

@@ -13,7 +13,7 @@ import pytest
 import simulations.central as central
 import simulations.experiments as experiments
 import simulations.federated as federated
-from common.cli import main
+from cli.main import main
 from common.config import NOTE_SECTIONS
 from common.contract import OUTCOMES
 from common.data import load_cohort

@@ -182,10 +182,10 @@ def test_dp_noise_is_each_sites_secret_and_replays_only_from_its_own_seed(cohort
     assert not same(site_1, update("site-2", "site-2", "c"))  # another site draws other noise
     unseeded = update("site-1", None, "d")  # deployment default: fresh entropy every round
     assert not same(unseeded, update("site-1", None, "e")) and not same(unseeded, site_1)
-    # A later run on the same ledger does not reuse the seeded noise: it would cancel between the two runs.
+    # A later round or run on the same ledger does not reuse the seeded noise: it would cancel between the two.
     seeded = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
                           ledger_path=tmp_path / "a.json", dp_seed="site-1")
-    assert dp_rng_seed(seeded, config, 1, earlier_runs=0) != dp_rng_seed(seeded, config, 1, earlier_runs=1)
+    assert dp_rng_seed(seeded, trainings=0) != dp_rng_seed(seeded, trainings=1)
 
 
 @pytest.mark.parametrize("epsilon", [4.0, math.inf])
@@ -224,10 +224,10 @@ def test_planned_noise_spends_the_budget_over_the_whole_run(tmp_path):
     assert ledger.plan_noise("run", budget=1.0, delta=1e-5, sample_rate=0.5, total_steps=1) == noise  # fixed per run
 
 
-def _reply(arrays: dict[str, np.ndarray], site: int, node: int) -> Message:
+def _reply(arrays: dict[str, np.ndarray], node: int) -> Message:
     request = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
     content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": 10, "site-id": site})})
+                          "metrics": MetricRecord({"num-examples": 10})})
     return Message(content=content, reply_to=request)
 
 
@@ -240,7 +240,8 @@ def test_server_rejects_bad_updates_and_aggregates_the_rest():
     keys = {"heads.weight": np.ones((3, 4), np.float32), "encoder.word_embeddings": np.zeros(3, np.float32)}
     strategy = CheckedFedAvg(min_available_nodes=2)
     strategy.setup_checks(expected, min_sites=2)
-    replies = [_reply(a, site, 10 + site) for site, a in enumerate([good[0], nan, shape, keys, good[1]], start=1)]
+    strategy.site_names = {10 + site: f"site-{site}" for site in range(1, 6)}  # as check_sites leaves them
+    replies = [_reply(a, 10 + site) for site, a in enumerate([good[0], nan, shape, keys, good[1]], start=1)]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_torch_state_dict()["heads.weight"].numpy(), 2.0)
     why = {r["site"]: r["why"] for r in strategy.rejected}
@@ -259,8 +260,7 @@ def test_resume_continues_from_the_last_checkpoint(cohort, tmp_path, tiny_encode
     (run_dir / "run.json").write_text(json.dumps(meta))
     grid = InProcessGrid(_sim_nodes())
     summary = run_federation(grid, {"run-dir": str(run_dir), "resume": True}, pooled=False)
-    train_rounds = {int(dict(r.content["metrics"]).get("site-id", 0)) for r in grid.replies
-                    if r.metadata.message_type == "train"}
+    train_rounds = {r.metadata.src_node_id for r in grid.replies if r.metadata.message_type == "train"}
     assert len(train_rounds) == 6 and summary["run_id"] == meta["run-id"]
     assert (run_dir / "checkpoints" / "round-2.safetensors").exists()
     assert sum(1 for r in grid.replies if r.metadata.message_type == "train") == 6  # one round, not two
@@ -270,7 +270,7 @@ def test_resume_continues_from_the_last_checkpoint(cohort, tmp_path, tiny_encode
 
 def _deployed_nodes(data_dir: Path, tmp_path: Path, encoder: Path) -> dict[int, dict]:
     """Node configs as `flower-supernode --node-config` gives them: each site's own path and budget."""
-    return {200 + k: {"data-path": str(data_dir / f"site-{k}.parquet"), "epsilon": math.inf,
+    return {200 + k: {"data-path": str(data_dir / f"site-{k}.parquet"), "epsilon": math.inf, "delta": 1e-5,
                       "ledger-path": str(tmp_path / f"site-{k}.ledger.json"), "model-path": str(encoder)}
             for k in range(1, 7)}
 
@@ -287,8 +287,7 @@ def test_a_site_that_breaks_the_contract_does_not_join_and_the_run_goes_on(cohor
     assert set(summary["sites"]) == {"site-1", "site-2", "site-4", "site-5", "site-6"}
     assert [r["node"] for r in summary["refused_sites"]] == [203]
     assert "site-3.parquet" in summary["refused_sites"][0]["why"] and "'age'" in summary["refused_sites"][0]["why"]
-    trained = {int(m["site-id"]) for m in summary["site_reports"]["1"].values()}
-    assert trained == {1, 2, 4, 5, 6}  # the refused site is not asked to train
+    assert set(summary["site_reports"]["1"]) == {"site-1", "site-2", "site-4", "site-5", "site-6"}  # not site-3
     notes = pd.read_parquet(cohort / "site-3.parquet")["note_physician"].dropna()
     snippets = [line for note in notes for line in note.splitlines() if len(line) > 30]
     assert snippets and not any(line in json.dumps(summary) for line in snippets)
@@ -390,8 +389,9 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
     hooked._close()
 
 
+@pytest.mark.parametrize("unit", ["patient", "visit"])
 @pytest.mark.parametrize("clipping", ["per-layer", "flat"])
-def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, tiny_encoder, clipping):
+def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, tiny_encoder, clipping, unit):
     """Per-layer: each tensor's clipped gradient stays under C/sqrt(n), the thresholds' L2 norm is C (so the
     noise and epsilon are unchanged). Flat clipping lets some tensor take more: the check can tell them apart."""
     from client.site import build_model
@@ -406,12 +406,17 @@ def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, 
     data = VisitDataset(pd.read_parquet(cohort / "site-1.parquet").assign(site="site-1"), load_tokenizer(config),
                         config)
     optimizer, loader, _ = make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 32, True),
-                                        noise_multiplier=0.0, max_grad_norm=1.0, seed=0, clipping=clipping)
+                                        noise_multiplier=0.0, max_grad_norm=1.0, seed=0, clipping=clipping, unit=unit)
     batch = next(b for b in loader if len(b["labels"]))
+    units = len(batch["labels"])
+    if unit == "patient":  # what train_epoch does: the optimizer clips per patient
+        patients = batch.pop("patient")
+        units = len(patients.unique())
+        optimizer.group_by(patients)
     model.training_loss(batch).mean().backward()
     optimizer.step()  # lr 0: only the clipped, averaged gradient is left in .grad
     params = [p for p in model.parameters() if p.requires_grad]
-    threshold = 1.0 / math.sqrt(len(params)) * len(batch["labels"]) / optimizer.expected_batch_size
+    threshold = 1.0 / math.sqrt(len(params)) * units / optimizer.expected_batch_size
     norms = torch.stack([p.grad.norm() for p in params])
     if clipping == "per-layer":
         assert math.isclose(math.hypot(*optimizer.max_grad_norms), 1.0)
@@ -508,7 +513,7 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
 
     from safetensors.torch import load_file
 
-    from common.cli import main
+    from cli.main import main
 
     run_dir = tmp_path / "run"
     run_federation(InProcessGrid(_sim_nodes()), _run_config(cohort, run_dir, tiny_encoder,
@@ -572,3 +577,14 @@ def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, ti
     assert [dict(r.content["metrics"])["bf16"] for r in train] == [float(native)] * 2
     sent = next(m for m in grid.sent if m.metadata.message_type == "train").content["config"]
     assert not {"bf16", "precision"} & set(json.loads(sent["train-config"])) and "precision" not in sent
+
+
+def test_another_noise_draw_gives_every_simulated_site_other_dp_noise(tmp_path):
+    from client.site import settings_from_configs
+
+    def seed(site: int, draw: int) -> int:
+        message = {"run-dir": str(tmp_path), "data-dir": str(tmp_path), "noise-draw": draw}
+        return dp_rng_seed(settings_from_configs({"partition-id": site}, message), trainings=0)
+
+    assert seed(0, 0) == seed(0, 0) and seed(0, 0) != seed(1, 0)  # replays, and no two sites share noise
+    assert seed(0, 1) != seed(0, 0) and seed(1, 1) != seed(1, 0) and seed(0, 1) != seed(1, 1)

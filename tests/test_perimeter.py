@@ -25,7 +25,7 @@ import psutil
 import pytest
 from test_deployment import BIN, REPO, Processes, _free_port, _wait_for
 
-from common.cli import main as edfed
+from cli.main import main as edfed
 from simulations.cohort import generate_cohort
 
 SITES = range(1, 7)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from cli.main import main
 from common.errors import EdfedError
 from common.proxy import FLEET_PATHS, write_proxy_config
 from common.release import (

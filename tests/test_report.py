@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from cli.main import main
 from common.audit import audit_run
-from common.cli import main
 from common.contract import OUTCOMES
 from common.report import SUPPRESSED, small_cell
 from simulations.cohort import generate_cohort
@@ -55,6 +55,20 @@ def test_report_of_a_real_central_run(tmp_path, tiny_encoder, capsys):
         assert f"]({figure})" in report and (out / figure).exists()
     assert f"| site-2 | {audit['n_members']} | {audit['n_nonmembers']} | {audit['auroc']:.3f} |" in report
     assert "No differential privacy" in report and f"{summary['history'][0]['loss']:.3f}" in report
+    # The regression peers: fitted on the training split, scored on exactly the model's test rows, in the report.
+    peers = summary["peers"]
+    splits = summary["splits"]
+    assert (peers["method"]["train_rows"], peers["test_rows"]) == (splits["train"], splits["test"])
+    assert set(peers["pooled"]) == {"structured", "tfidf", "stacked"}
+    for outcomes in peers["pooled"].values():
+        for outcome, m in outcomes.items():
+            assert (m["n"], m["events"]) == (summary["final"][outcome]["n"], summary["final"][outcome]["events"])
+            assert m["oracle_auroc"] == summary["final"][outcome]["oracle_auroc"]
+    assert "## The model against its regression peers" in report
+    m = summary["final"]["mortality_30d"]
+    assert f"| edfed multimodal | {m['auroc']:.3f} ({m['auroc_ci'][0]:.3f}–{m['auroc_ci'][1]:.3f}) |" in report
+    stacked = peers["pooled"]["stacked"]["safe_discharge"]
+    assert f"{stacked['auroc']:.3f} ({stacked['auroc_ci'][0]:.3f}–{stacked['auroc_ci'][1]:.3f})" in report
 
 
 def test_small_cells_are_suppressed_and_subgroups_rendered(tmp_path):

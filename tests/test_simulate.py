@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.cli import main
+from cli.main import main
 from simulations.cohort import generate_cohort
 
 

@@ -12,7 +12,7 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation import InProcessGrid, _sim_nodes
 
-from common.cli import main
+from cli.main import main
 from common.errors import EdfedError
 from common.privacy import PrivacyLedger
 from simulations.cohort import generate_cohort

@@ -56,10 +56,15 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate of a site that trains with DP (default {D['dp-lr']:g})")
     p.add_argument("--dp-clipping", choices=["per-layer", "flat"], default=None,
                    help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
+    p.add_argument("--privacy-unit", choices=["patient", "visit"], default=None,
+                   help="what epsilon protects at each simulated site: a patient with all its visits (default) or one "
+                        "visit (a patient with k visits then gets about k * epsilon)")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
     p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
     p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+    p.add_argument("--noise-draw", type=int, default=None,
+                   help="simulated sites' DP noise: another value gives each site other noise (default 0)")
     p.add_argument("--compact", choices=["auto", "true", "false"], default=None,
                    help=f"train only LoRA B, the structured tower and the heads (default {D['compact']}: with DP)")
 
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--visits-per-site", type=int, default=None,
                      help="visits at every site (default: realistic, unequal site sizes)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--harder", action="store_true",
+                     help="add calendar waves of COVID-19 mortality (docs/cohort.md, 'Harder cohort')")
 
     data = sub.add_parser("data", help="site data").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="validate a site file against the data contract")
@@ -182,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from simulations.cohort import generate_cohort
 
         out = generate_cohort(args.out, n_sites=args.sites, visits_per_site=args.visits_per_site,
-                              seed=args.seed)
+                              seed=args.seed, harder=args.harder)
         print(f"wrote {args.sites} sites to {out}")
     elif args.command == "data":
         from common.contract import load_site, print_profile
@@ -269,6 +276,8 @@ def _release(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before flwr is imported: Flower's telemetry would otherwise report every run (set it to 1 to opt in).
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = build_parser().parse_args(argv)
     if getattr(args, "precision", None):  # a property of this machine: every model this process (and Ray) builds
         os.environ["EDFED_PRECISION"] = args.precision

@@ -1,0 +1,49 @@
+"""Owner-only files and folders, written atomically: ledgers, caches, checkpoints and run folders.
+
+A ledger or a frozen-layer cache (the encoder's states of patient notes) is patient data, and a
+checkpoint is what a site's budget paid for; none of them is for other users of the machine. Every
+write goes to a unique temporary file in the same folder and is then renamed over the target, so a
+reader (or a crash) never sees half a file, and two writers never share a temporary name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+FILE_MODE, DIR_MODE = 0o600, 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` and its missing parents as owner-only folders. A folder that exists keeps its mode: it
+    may be the site's own (say, the data folder a default ledger sits next to), not edfed's to change."""
+    path = Path(path)
+    for folder in [*reversed(path.parents), path]:
+        if not folder.exists():
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(folder, DIR_MODE)  # mkdir's mode passes through the umask
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a unique owner-only temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    if not path.parent.exists():
+        private_dir(path.parent)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)  # mkstemp creates it 0600
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
