@@ -205,7 +205,7 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
             runtime = _free_port()
             env = {**base_env, "FLWR_HOME": str(site / "flwr_home"), "OMP_NUM_THREADS": "1",
                    "EDFED_TEST_WHO": f"site-{k}", "PATH": f"{site / 'runner' / 'bin'}{os.pathsep}{base_env['PATH']}"}
-            node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 '
+            node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
                            f'ledger-path="{site / "privacy-ledger.json"}" cache-dir="{site / "cache"}" '
                            f'model-path="{tiny_encoder}"')
             processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{public}",
