@@ -151,6 +151,36 @@ def build_parser() -> argparse.ArgumentParser:
     key = deploy.add_parser("site-key", help="site: an EC P-384 key pair for SuperNode authentication")
     key.add_argument("name", help="the site's name, e.g. ed-site-1")
     key.add_argument("--out", type=Path, default=Path("credentials"))
+    ckey = deploy.add_parser("consortium-key", help="consortium: the Ed25519 key that signs edfed releases")
+    ckey.add_argument("--out", type=Path, default=Path("credentials"))
+    secret = deploy.add_parser("superexec-secret",
+                               help="a shared secret for --superexec-auth-secret-file (owner-only file)")
+    secret.add_argument("file", type=Path)
+    runner = deploy.add_parser("site-runner", help="site: trust file and the shims that make this site's "
+                               "SuperExec run only signed edfed releases")
+    runner.add_argument("--consortium-key", type=Path, action="append", required=True,
+                        help="the consortium's consortium.pub (repeat for several keys)")
+    runner.add_argument("--min-version", default="0.0.0", help="the oldest release this site runs (default any)")
+    runner.add_argument("--out", type=Path, required=True)
+    proxy = deploy.add_parser("proxy-config", help="coordinator: nginx config that forwards only the Fleet API")
+    proxy.add_argument("--out", type=Path, required=True)
+    proxy.add_argument("--listen", default="443", help="public port (or address:port) nginx listens on")
+    proxy.add_argument("--superlink", default="127.0.0.1:9091", help="the SuperLink's loopback address")
+    proxy.add_argument("--credentials", type=Path, required=True,
+                       help="the folder `edfed deploy init` wrote (ca.crt, server.pem, server.key)")
+    proxy.add_argument("--upstream-name", default="localhost",
+                       help="name checked in the SuperLink's certificate (one of init's --host)")
+    release = sub.add_parser("release", help="signed edfed releases").add_subparsers(dest="action", required=True)
+    rbuild = release.add_parser("build", help="flwr build the app into OUT: the FAB and its .sha256")
+    rbuild.add_argument("--app", type=Path, default=Path("."), help="edfed source folder (default .)")
+    rbuild.add_argument("--out", type=Path, default=Path("release"))
+    rsign = release.add_parser("sign", help="sign a FAB's sha256 and version with the consortium key: FAB.sig")
+    rsign.add_argument("fab", type=Path)
+    rsign.add_argument("--key", type=Path, required=True, help="consortium.key")
+    rverify = release.add_parser("verify", help="check a FAB against its signature and a site's trust file")
+    rverify.add_argument("fab", type=Path)
+    rverify.add_argument("--trust", type=Path, required=True, help="the site's trust.toml")
+    rverify.add_argument("--signature", type=Path, default=None, help="signature file (default FAB.sig)")
     return parser
 
 
@@ -176,13 +206,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             generate_cohort(args.data)
         run_central(args)
     elif args.command == "deploy":
-        from common.credentials import init_coordinator, site_key
-
-        if args.action == "init":
-            written = init_coordinator(args.out, args.host or ["localhost", "127.0.0.1"])
-        else:
-            written = site_key(args.name, args.out)
-        print("wrote " + ", ".join(str(p) for p in written) + " (private keys owner-only)")
+        _deploy(args)
+    elif args.command == "release":
+        _release(args)
     elif args.command == "simulate":
         from simulations.federated import run_simulate
 
@@ -203,6 +229,50 @@ def _dispatch(args: argparse.Namespace) -> None:
         from simulations.experiments import run_experiment_command
 
         run_experiment_command(args)
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from common.credentials import init_coordinator, site_key, superexec_secret
+
+    if args.action == "init":
+        written = init_coordinator(args.out, args.host or ["localhost", "127.0.0.1"])
+    elif args.action == "site-key":
+        written = site_key(args.name, args.out)
+    elif args.action == "consortium-key":
+        from common.release import consortium_key, public_key_id
+
+        written = consortium_key(args.out)
+        print(f"consortium key id {public_key_id(written[1])} (sites check it in their trust file)")
+    elif args.action == "superexec-secret":
+        written = [superexec_secret(args.file)]
+    elif args.action == "site-runner":
+        from common.release import write_site_runner
+
+        written = write_site_runner(args.out, args.consortium_key, args.min_version)
+        print(f"wrote {written[0]} and {written[1].parent}/: put that folder first on the PATH of this site's "
+              "flower-superexec")
+        return
+    else:
+        from common.proxy import write_proxy_config
+
+        creds = args.credentials
+        written = write_proxy_config(args.out, args.listen, creds / "server.pem", creds / "server.key",
+                                     creds / "ca.crt", args.superlink, args.upstream_name)
+    private = " (private keys and secrets owner-only)" if args.action != "proxy-config" else ""
+    print("wrote " + ", ".join(str(p) for p in written) + private)
+
+
+def _release(args: argparse.Namespace) -> None:
+    from common import release
+
+    if args.action == "build":
+        fab, digest = release.build_release(args.app, args.out)
+        print(f"wrote {fab} (sha256 {digest.read_text().split()[0]}, edfed {release.fab_version(fab.read_bytes())})")
+    elif args.action == "sign":
+        print(f"wrote {release.sign_release(args.fab, args.key)}")
+    else:
+        found = release.verify_file(args.fab, args.trust, args.signature)
+        print(f"{args.fab}: the signed release edfed {found.version} (sha256 {found.sha256}, key {found.key_id})")
 
 
 def main(argv: list[str] | None = None) -> int:

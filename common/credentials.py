@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -105,3 +106,17 @@ def site_key(name: str, out: Path) -> tuple[Path, Path]:
     _write(tmp / f"{name}.pub", public + f" {name}\n".encode())
     _move_into(tmp, out)
     return out / f"{name}.key", out / f"{name}.pub"
+
+
+def superexec_secret(path: Path) -> Path:
+    """A fresh shared secret for `--superexec-auth-secret-file` (SuperLink or SuperNode, and its SuperExec):
+    only a process that can read it may claim tasks on that Runtime API. Owner-only; never overwritten."""
+    if path.exists():
+        raise EdfedError(f"{path} already exists; refusing to overwrite a SuperExec secret")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,295 @@
+"""The hardened deployment on loopback: what code a hospital runs, and who can make it run something.
+
+Real processes, started the way docs/deployment.md ("Perimeter") tells the coordinator and the hospitals
+to start them: the SuperLink on loopback behind nginx (TLS, Fleet API only), the ServerApp's SuperExec
+with an auth secret, and six hospitals whose SuperNodes run in process isolation with their own
+SuperExec, whose ClientApp runner is edfed-clientapp (site trust file, consortium-signed releases).
+Every process the test starts is stopped (process trees).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+from test_deployment import BIN, REPO, Processes, _free_port, _wait_for
+
+from cli.main import main as edfed
+from simulations.cohort import generate_cohort
+
+SITES = range(1, 7)
+NGINX = Path("/usr/sbin/nginx")
+TAMPER = '''import os as _os
+import pathlib as _pathlib
+
+# Tampered: any import of this package writes a marker (stands for reading the site's data or key),
+# named after the process that ran it (EDFED_TEST_WHO: the test sets it per process).
+_pathlib.Path({marker!r}).mkdir(parents=True, exist_ok=True)
+(_pathlib.Path({marker!r}) / f"{{_os.environ.get('EDFED_TEST_WHO', 'unknown')}}.{{_os.getpid()}}").write_text("ran")
+'''
+
+
+class SiteProcesses(Processes):
+    """Processes, each with its own environment where given (a hospital's PATH and FLWR_HOME)."""
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "a") as log:
+            proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env or self.env, cwd=REPO, start_new_session=True)
+        self.running[name] = proc
+        return proc
+
+
+def _run(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ok(env: dict, *args: str) -> str:
+    done = _run(env, *args)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _http(url: str, ca: Path, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _http_status(url: str, ca: Path, method: str = "GET") -> int:
+    return _http(url, ca, method)[0]
+
+
+def _acquire_task(address: str, ca: Path) -> str:
+    """What the SuperLink at ADDRESS answers a ServerApp-task claim without the coordinator's secret."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(server_address=address, insecure=False,
+                                                   root_certificates=ca.read_bytes(),
+                                                   interceptors=[RuntimeVersionHttpInterceptor("SuperExec")])
+    try:
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+        return f"granted: {res}"
+    except Exception as exc:  # noqa: BLE001 - any refusal will do; a grant is what must not happen
+        return f"refused: {exc}"
+    finally:
+        client.close()
+
+
+def _flwr_home(path: Path, address: str, ca: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.toml").write_text(f'[superlink]\ndefault = "edfed"\n\n[superlink.edfed]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NGINX.exists(), reason="needs nginx from the OS packages (apt-get install nginx)")
+def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path, tiny_encoder):
+    root, timings = tmp_path, {}
+    base_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1"}
+    operator_env = {**base_env, "FLWR_HOME": str(root / "coordinator" / "flwr_home"), "EDFED_TEST_WHO": "operator"}
+    outsider_env = {**base_env, "FLWR_HOME": str(root / "outsider" / "flwr_home"), "EDFED_TEST_WHO": "outsider"}
+    processes = SiteProcesses(root / "logs", operator_env)
+    try:
+        started = time.monotonic()
+        creds, keys, rogue = root / "coordinator" / "creds", root / "consortium", root / "rogue"
+        assert edfed(["deploy", "init", "--out", str(creds)]) == 0
+        for k in SITES:
+            assert edfed(["deploy", "site-key", f"ed-site-{k}", "--out", str(root / f"site-{k}")]) == 0
+        assert edfed(["deploy", "consortium-key", "--out", str(keys)]) == 0
+        assert edfed(["deploy", "consortium-key", "--out", str(rogue)]) == 0
+        ca = creds / "ca.crt"
+
+        # The consortium's release, and a tampered copy of it (same code, plus a marker in client/__init__.py).
+        assert edfed(["release", "build", "--app", str(REPO), "--out", str(root / "release")]) == 0
+        (fab,) = (root / "release").glob("*.fab")
+        assert edfed(["release", "sign", str(fab), "--key", str(keys / "consortium.key")]) == 0
+        token = fab.with_name(fab.name + ".sig").read_text().strip()
+        fab_sha = fab.with_name(fab.name + ".sha256").read_text().split()[0]
+        genuine, tampered, marker = root / "genuine" / "edfed", root / "tampered" / "edfed", root / "marker"
+        for folder in (genuine, tampered):
+            with zipfile.ZipFile(fab) as archive:
+                archive.extractall(folder)
+        (tampered / "client" / "__init__.py").write_text(TAMPER.format(marker=str(marker)))
+        assert edfed(["release", "build", "--app", str(tampered), "--out", str(root / "tampered-release")]) == 0
+        (bad_fab,) = (root / "tampered-release").glob("*.fab")
+        assert edfed(["release", "sign", str(bad_fab), "--key", str(rogue / "consortium.key")]) == 0
+        rogue_token = bad_fab.with_name(bad_fab.name + ".sig").read_text().strip()
+        # The tampered code really does write the marker when imported; then start from a clean slate.
+        subprocess.run([str(BIN / "python"), "-c", "import client"], cwd=tampered, check=True,
+                       env={**base_env, "EDFED_TEST_WHO": "control"})
+        assert list(marker.iterdir())
+        for made in marker.iterdir():
+            made.unlink()
+        timings["credentials and releases"] = time.monotonic() - started
+
+        # Coordinator: SuperLink on loopback (process isolation, SuperExec secret), its SuperExec, nginx.
+        started = time.monotonic()
+        internal, public = _free_port(), _free_port()
+        secret = root / "coordinator" / "superexec.secret"
+        assert edfed(["deploy", "superexec-secret", str(secret)]) == 0
+        processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(ca), "--ssl-certfile",
+                        str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key"),
+                        "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(internal),
+                        "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+                        "--disable-runtime-dependency-installation")
+        _wait_for("the SuperLink", lambda: "Uvicorn running" in processes.log("superlink"), 90)
+        processes.start("superexec", "flower-superexec", "--runtime-api-address", f"127.0.0.1:{internal}",
+                        "--root-certificates", str(ca), "--superexec-auth-secret-file", str(secret))
+        assert edfed(["deploy", "proxy-config", "--out", str(root / "proxy"), "--listen", f"127.0.0.1:{public}",
+                      "--superlink", f"127.0.0.1:{internal}", "--credentials", str(creds)]) == 0
+        processes.start("nginx", str(NGINX), "-c", str(root / "proxy" / "nginx.conf"))
+        def nginx_up() -> bool:
+            try:
+                return _http_status(f"https://127.0.0.1:{public}/", ca) == 403
+            except urllib.error.URLError:
+                return False
+
+        _wait_for("nginx", nginx_up, 30, every=0.5)
+        _flwr_home(root / "coordinator" / "flwr_home", f"127.0.0.1:{internal}", ca)
+        _flwr_home(root / "outsider" / "flwr_home", f"127.0.0.1:{public}", ca)
+        for k in SITES:
+            _ok(operator_env, "flwr", "supernode", "register", str(root / f"site-{k}" / f"ed-site-{k}.pub"), "edfed",
+                "--name", f"ed-site-{k}")
+
+        # From outside (the public port): no Control API, no Runtime API, no API docs; no one claims the ServerApp.
+        for path in ("/docs", "/openapi.json", "/redoc", "/health"):
+            assert _http_status(f"https://127.0.0.1:{public}{path}", ca) == 403, path
+        for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node",
+                     "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/v1/fleet/../control/list-runs",
+                     "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleetx/get-run"):
+            assert _http_status(f"https://127.0.0.1:{public}{path}", ca, "POST") == 403, path
+        assert _http_status(f"https://127.0.0.1:{public}/v1/fleet/get-run", ca, "GET") == 403
+        fleet_status, fleet_body = _http(f"https://127.0.0.1:{public}/v1/fleet/get-run", ca, "POST")
+        assert "<html>" not in fleet_body and "only the Fleet API" not in fleet_body  # answered by the SuperLink
+        assert fleet_status != 403 and '"code"' in fleet_body, (fleet_status, fleet_body)  # (wants protobuf)
+        assert _acquire_task(f"127.0.0.1:{public}", ca).startswith("refused")
+        assert _acquire_task(f"127.0.0.1:{internal}", ca).startswith("refused")  # on the host, without the secret
+        anonymous_ls = _run(outsider_env, "flwr", "ls", "edfed")
+        anonymous_run = _run(outsider_env, "flwr", "run", str(genuine), "edfed", "--run-config",
+                             f'release-signature="{token}"')
+        assert anonymous_ls.returncode != 0 and anonymous_run.returncode != 0
+        assert "403" in anonymous_ls.stdout + anonymous_ls.stderr + anonymous_run.stdout + anonymous_run.stderr
+        assert "Successfully started run" not in anonymous_run.stdout + anonymous_run.stderr
+        timings["coordinator up, outsiders refused"] = time.monotonic() - started
+
+        # Six hospitals: SuperNode in process isolation + the site's own SuperExec, edfed-clientapp on its PATH.
+        started = time.monotonic()
+        data = generate_cohort(root / "data", visits_per_site=60, seed=1)
+        for k in SITES:
+            site = root / f"site-{k}"
+            assert edfed(["deploy", "site-runner", "--consortium-key", str(keys / "consortium.pub"),
+                          "--min-version", "0.1.0", "--out", str(site / "runner")]) == 0
+            assert edfed(["deploy", "superexec-secret", str(site / "superexec.secret")]) == 0
+            runtime = _free_port()
+            env = {**base_env, "FLWR_HOME": str(site / "flwr_home"), "OMP_NUM_THREADS": "1",
+                   "EDFED_TEST_WHO": f"site-{k}", "PATH": f"{site / 'runner' / 'bin'}{os.pathsep}{base_env['PATH']}"}
+            node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
+                           f'ledger-path="{site / "privacy-ledger.json"}" cache-dir="{site / "cache"}" '
+                           f'model-path="{tiny_encoder}"')
+            processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{public}",
+                            "--root-certificates", str(ca), "--auth-supernode-private-key",
+                            str(site / f"ed-site-{k}.key"), "--isolation", "process", "--superexec-auth-secret-file",
+                            str(site / "superexec.secret"), "--port", str(runtime), "--node-config", node_config,
+                            env=env)
+            processes.start(f"site-{k}-superexec", "flower-superexec", "--runtime-api-address",
+                            f"127.0.0.1:{runtime}", "--insecure", "--superexec-auth-secret-file",
+                            str(site / "superexec.secret"), env=env)
+        _wait_for("six SuperNodes online", lambda: _ok(operator_env, "flwr", "supernode", "ls", "edfed").count(
+            "online") >= 6, 180, every=3)
+
+        # Three runs of the tampered FAB: with the genuine release's token, unsigned, signed by an unknown key.
+        base_config = (f'model="{tiny_encoder}" data-dir="" lr=0.01 min-sites=6 round-timeout=600 '
+                       'join-timeout=300 num-server-rounds=2')
+        refused = {}
+        for case, signature in (("tampered", token), ("unsigned", ""), ("unknown key", rogue_token)):
+            out = _ok(operator_env, "flwr", "run", str(tampered), "edfed", "--run-config",
+                      f'{base_config} run-dir="{root / "runs" / case.replace(" ", "-")}" '
+                      f'release-signature="{signature}"')
+            refused[case] = re.search(r"Successfully started run (\d+)", out).group(1)
+
+        def refusals() -> bool:
+            logs = [processes.log(f"site-{k}-superexec") for k in SITES]
+            return all(f"refused run {run_id}:" in log for log in logs for run_id in refused.values())
+
+        _wait_for("every site refusing the three tampered runs", refusals, 600, every=2)
+        timings["three tampered runs refused at six sites"] = time.monotonic() - started
+        for k in SITES:
+            log = processes.log(f"site-{k}-superexec")
+            assert "is not the signed release" in log and "comes with no release signature" in log
+            assert "which is not in this site's trust file" in log
+            assert not (root / f"site-{k}" / "flwr_home" / "apps").exists()  # nothing from the FAB was written
+
+        # The genuine signed release: two rounds, six sites, TLS through nginx and node authentication.
+        started = time.monotonic()
+        run_dir = root / "runs" / "genuine"
+        out = _ok(operator_env, "flwr", "run", str(genuine), "edfed", "--run-config",
+                  f'{base_config} run-dir="{run_dir}" release-signature="{token}"')
+        run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        try:
+            _wait_for("the genuine run's summary.json", lambda: (run_dir / "summary.json").exists(), 900, every=2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_run(operator_env, 'flwr', 'log', run_id, 'edfed', '--show').stdout[-6000:]}"
+                                 ) from None
+        timings["genuine release: two rounds at six sites"] = time.monotonic() - started
+        summary = json.loads((run_dir / "summary.json").read_text())
+        six = {f"site-{k}" for k in SITES}
+        assert summary["num_rounds"] == 2 and set(summary["sites"]) == six and not summary["refused_sites"]
+        assert set(summary["site_reports"]["1"]) == six and set(summary["site_reports"]["2"]) == six
+        assert set(summary["per_site"]) == six
+        for k in SITES:
+            log = processes.log(f"site-{k}-superexec")
+            assert f"run {run_id} is the signed release edfed 0.1.0" in log
+            installed = [p.name for p in (root / f"site-{k}" / "flwr_home" / "apps").iterdir()]
+            assert installed == [f"edfed.edfed.0.1.0.{fab_sha[:8]}"], installed  # only the release was installed
+        # The tampered code never ran at a site, nor in the ServerApp. (Flower 1.42's `flwr run DIR` itself
+        # imports DIR's component packages, client/__init__.py included, while validating the app
+        # (flwr/supercore/object_ref.py:validate, find_spec): the operator's own CLI ran it, which is why the
+        # runbook has the operator run only the unpacked signed release.)
+        ran = {p.name.split(".")[0] for p in marker.iterdir()}
+        assert ran <= {"operator"}, ran
+        print("perimeter timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    finally:
+        _stop_everything(processes)
+
+
+def _stop_everything(processes: Processes) -> None:
+    """Stop every process tree the test started, even when one is slow to stop (a loaded machine)."""
+    tree = []
+    for proc in processes.running.values():
+        try:
+            tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for name in list(processes.running):
+        try:
+            processes.stop(name)
+        except (subprocess.TimeoutExpired, psutil.Error):
+            pass  # killed below
+    for p in tree:  # what outlived a stop: app processes a SuperExec started, a process too slow to exit
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
