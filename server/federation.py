@@ -306,7 +306,11 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     folder.record(meta, {"encoder-fingerprint": fingerprint, "frozen-fingerprint": frozen_init_fingerprint(model)})
     train_config = ConfigRecord({
         "train-config": json.dumps({k: v for k, v in config.to_dict().items() if k != "extra"}),
-        "run-id": meta["run-id"], "num-rounds": total_rounds, "round-offset": done,
+        # A resumed run is a new attempt at the sites: a site that trained a round before the coordinator crashed
+        # refuses that (run, round) again (its noise would repeat), so each attempt has its own id and plans its
+        # noise over the rounds it has left, from what each site's ledger has left.
+        "run-id": meta["run-id"] + (f"-resume{meta['resumed']}" if meta.get("resumed") else ""),
+        "num-rounds": total_rounds - done if meta.get("resumed") else total_rounds, "round-offset": done,
         "local-epochs": int(run_config["local-epochs"]), "max-grad-norm": float(run_config["max-grad-norm"]),
         "dp-clipping": str(run_config["dp-clipping"]), "site-privacy-unit": str(run_config["privacy-unit"]),
         "encoder-fingerprint": fingerprint, "frozen-fingerprint": meta["frozen-fingerprint"],
@@ -356,7 +360,8 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
                                 num_rounds=total_rounds - done, timeout=float(run_config["round-timeout"]),
                                 train_config=train_config,
                                 evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
-        final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else state
+        final = result.arrays.to_torch_state_dict() if result.arrays is not None else {}
+        final_state = final or state  # no round of this attempt aggregated: the last checkpoint stands
     else:
         final_state = state
     model.load_trainable_state(final_state)
