@@ -9,6 +9,7 @@ only where the CPU has the instructions; the server never decides it for a site.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from pathlib import Path
@@ -42,6 +43,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache  # the CPU does not change while the process runs; every model build asks
 def native_bf16() -> bool:
     """True where bf16 matrix products run natively: the CPU has the instructions and oneDNN uses them."""
     import torch
