@@ -22,6 +22,7 @@ started = time.perf_counter()
 import client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
 from client import site
 from common.config import RUN_DEFAULTS, train_config_from
+from common.model import build_model
 from common.privacy import PrivacyLedger
 imported = time.perf_counter()
 data, encoder, scratch = sys.argv[1:4]
@@ -31,7 +32,7 @@ settings = site.settings_from_configs({"data-path": data, "epsilon": 8.0, "delta
 config = train_config_from({**RUN_DEFAULTS, "model": encoder})
 phases = {"imports": imported - started}
 t = time.perf_counter(); site.check_site(settings, config); phases["data check"] = time.perf_counter() - t
-t = time.perf_counter(); model = site.build_model(config, None); phases["model build"] = time.perf_counter() - t
+t = time.perf_counter(); model = build_model(config); phases["model build"] = time.perf_counter() - t
 t = time.perf_counter(); train = site.site_dataset(settings, config, model, "train")
 phases["read, tokenize, cache frozen layers"] = time.perf_counter() - t
 t = time.perf_counter()

@@ -20,11 +20,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from client.site import SiteSettings, build_model, site_dataset
+from client.site import SiteSettings, site_dataset
 from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.data import site_files
 from common.display import make_console
+from common.model import build_model
 
 PROBES = {"structured": ("struct",), "pooled text": ("pooled",), "random 64-d projection of it": ("proj",),
           "structured + pooled text": ("struct", "pooled"), "structured + projection": ("struct", "proj")}
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/probe-cache"), help="frozen-layer cache folder")
     args = parser.parse_args()
     config = TrainConfig(compact=True, model=str(args.model or ""))
-    model = build_model(config, None).eval()
+    model = build_model(config).eval()
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "test": []}
     for name, path in site_files(args.data).items():
         settings = SiteSettings(name=name, data_path=path, epsilon=float("inf"), delta=1e-5,

@@ -29,8 +29,7 @@ from common.display import make_console
 from common.features import load_tokenizer
 from common.metrics import evaluate
 from common.precision import machine_facts
-from common.train import cache_frozen_layers, predict
-from simulations.central import fit_central
+from common.train import cache_frozen_layers, fit_model, predict
 
 SETUPS = {
     "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", cache_frozen=False),
@@ -77,7 +76,7 @@ def main() -> None:
             config = TrainConfig(epochs=args.epochs, seed=seed, **SETUPS[name])
             tokenizer = load_tokenizer(config)
             started = time.perf_counter()
-            model, history = fit_central(config, train, val, tokenizer, show_progress=True,
+            model, history = fit_model(config, train, val, tokenizer, show_progress=True,
                                          precision=PRECISION[name])
             precisions[name] = model.precision
             wall = time.perf_counter() - started

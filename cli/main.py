@@ -214,7 +214,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_simulate(args)
     elif args.command == "personalize":
-        from simulations.federated import run_personalize
+        from client.local_models import run_personalize
 
         run_personalize(args)
     elif args.command == "privacy-sweep":

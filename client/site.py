@@ -23,10 +23,10 @@ from common.config import TrainConfig
 from common.data import SiteSplits, VisitDataset, load_site_splits
 from common.errors import EdfedError
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint
-from common.features import load_tokenizer, structured_feature_names
+from common.features import load_tokenizer
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
-from common.model import OutcomeModel
+from common.model import OutcomeModel, build_model
 from common.privacy import PrivacyLedger, make_private
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
 
@@ -180,14 +180,6 @@ def site_dataset(settings: SiteSettings, config: TrainConfig, model: OutcomeMode
     _SITE_DATA[key, split] = dataset
     return dataset
 
-
-def build_model(config: TrainConfig, global_state: dict[str, torch.Tensor] | None,
-                precision: str | None = None) -> OutcomeModel:
-    torch.manual_seed(config.seed)  # same LoRA A at every site (FFA-LoRA keeps it frozen)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
-    if global_state is not None:
-        model.load_trainable_state(global_state)
-    return model
 
 
 def check_encoder(config: TrainConfig, expected_fingerprint: str) -> None:

@@ -22,8 +22,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from common.config import TrainConfig
 from common.data import VisitDataset, load_site_splits, site_files
 from common.errors import EdfedError
-from common.features import load_tokenizer, structured_feature_names
-from common.model import OutcomeModel, per_example_loss
+from common.features import load_tokenizer
+from common.files import latest_checkpoint
+from common.model import OutcomeModel, build_model, per_example_loss
 from common.train import cache_frozen_layers, make_loader
 
 MIN_PER_SIDE = 5  # fewer members or non-members than this and the AUROC is noise
@@ -122,15 +123,14 @@ def load_run_model(run_dir: Path, config: TrainConfig) -> tuple[OutcomeModel, st
     PEFT `adapter/` (a deployed coordinator may keep only that). Returns (model, what was loaded)."""
     from safetensors.torch import load_file
 
-    torch.manual_seed(config.seed)  # FFA-LoRA: the frozen A matrices are the seeded ones
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
-    rounds = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("round-*.safetensors"))
+    model = build_model(config)
+    checkpoint = latest_checkpoint(run_dir)
     adapter = run_dir / "adapter"
     if (run_dir / "model.safetensors").exists():
         source = run_dir / "model.safetensors"
         model.load_trainable_state(load_file(source))
-    elif rounds:
-        source = run_dir / "checkpoints" / f"round-{rounds[-1]}.safetensors"
+    elif checkpoint is not None:
+        source = checkpoint
         model.load_trainable_state(load_file(source))
     elif (adapter / "edfed_heads.safetensors").exists():
         from peft import set_peft_model_state_dict

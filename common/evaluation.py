@@ -70,6 +70,17 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
     return final, per_site
 
 
+def score_saved_predictions(files: list[Path], data_dir: Path, bootstrap: int = 200, seed: int = 0) -> dict | None:
+    """Pooled metrics of predictions.parquet files (each site's test visits scored by its own model), or None
+    when one is missing."""
+    if not files or not all(Path(f).exists() for f in files):
+        return None
+    table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    labels = table[list(OUTCOMES)].to_numpy(float)
+    probs = table[[f"p_{o}" for o in OUTCOMES]].to_numpy(float)
+    return evaluate(labels, probs, bootstrap, seed, oracle_risks(data_dir, table))
+
+
 def write_summary(out_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically: a reader never sees half a file."""
     return atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))

@@ -47,3 +47,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """A run folder's newest global model, RUN_DIR/checkpoints/round-K.safetensors with the largest K."""
+    found = [(int(p.stem.split("-")[1]), p) for p in (Path(run_dir) / "checkpoints").glob("round-*.safetensors")
+             if p.stem.split("-")[1].isdigit()]
+    return max(found)[1] if found else None

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from common.config import TrainConfig
 from common.contract import OUTCOMES
 from common.errors import EdfedError
+from common.features import structured_feature_names
 from common.precision import autocast, resolve_precision
 
 STRUCT_DIM, FUSION_DIM = 64, 128
@@ -205,3 +206,15 @@ def _transformer_layers(encoder: nn.Module) -> nn.ModuleList | None:
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
     has_embeddings = hasattr(encoder, "embeddings")
     return layers if isinstance(layers, nn.ModuleList) and has_embeddings else None
+
+
+def build_model(config: TrainConfig, state: dict[str, torch.Tensor] | None = None,
+                precision: str | None = None) -> OutcomeModel:
+    """The one way to make the model. Seeded first, so its frozen seeded matrices (FFA-LoRA's A, the compact
+    model's text projection) are the same at every site, at the coordinator and in a later audit: their
+    fingerprint (common.exchange.frozen_init_fingerprint) is checked before a site trains."""
+    torch.manual_seed(config.seed)
+    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
+    if state is not None:
+        model.load_trainable_state(state)
+    return model

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
+from common.config import TrainConfig
 from common.data import VisitDataset
-from common.model import OutcomeModel
+from common.display import Phases, progress_bar
+from common.files import atomic_write
+from common.metrics import evaluate
+from common.model import OutcomeModel, build_model
 
 
 def make_loader(dataset: VisitDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -98,3 +104,52 @@ def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -
 def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                              weight_decay=weight_decay)
+
+
+def fit_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
+              show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
+              precision: str | None = None, phases: Phases | None = None) -> tuple[OutcomeModel, list[dict]]:
+    """Train on `train` without DP, keeping the epoch with the best mean validation AUROC: central training, a
+    site's local-only model and a site's personalization all train here.
+
+    From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
+    epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
+    """
+    model = build_model(config, initial_state, precision)
+    train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
+    history, best, best_state = [], -np.inf, None
+    phases = phases or Phases(quiet=True)
+    with progress_bar(show_progress) as progress:
+        with phases("frozen-layer caching"):
+            cache_frozen_layers(model, train_set, progress=progress)
+            cache_frozen_layers(model, val_set, progress=progress)
+        optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        for epoch in range(0 if initial_state is None else -1, config.epochs):
+            stats = {}
+            if epoch >= 0:
+                loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
+                stats = train_epoch(model, loader, optimizer, progress=progress,
+                                    description=f"epoch {epoch + 1}/{config.epochs}")
+            val_metrics = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
+            aurocs = [m["auroc"] for m in val_metrics.values() if not np.isnan(m["auroc"])]
+            val_auroc = float(np.mean(aurocs)) if aurocs else float("nan")
+            history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc,
+                            "val_auroc": {o: m["auroc"] for o, m in val_metrics.items()}})
+            if epoch >= 0:
+                phases.line(f"epoch {epoch + 1}/{config.epochs}: {stats['seconds']:.0f} s, "
+                            f"val mean AUROC {val_auroc:.3f}")
+            # A validation split too small to have both classes gives no AUROC: that epoch ranks last, and
+            # with no AUROC in any epoch the last epoch is kept.
+            score = val_auroc if aurocs else -np.inf
+            if best_state is None or score > best or score == best == -np.inf:
+                best, best_state = score, model.trainable_state()
+    model.load_trainable_state(best_state)
+    return model, history
+
+
+def save_trainable_state(model: OutcomeModel, path: Path) -> Path:
+    """The trained arrays (adapters, tower, fusion, heads; not the encoder), atomically, for audits and reuse."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in model.trainable_state().items()},
+                                                    str(tmp)))

@@ -29,9 +29,8 @@ from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint, state_bytes, update_problem
-from common.features import structured_feature_names
-from common.files import atomic_write, atomic_write_text, private_dir
-from common.model import OutcomeModel
+from common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
+from common.model import OutcomeModel, build_model
 from common.precision import machine_facts
 
 
@@ -260,10 +259,10 @@ class RunFolder:
         rounds.update({int(k): v for k, v in history["rounds"].items() if int(k) <= upto})
 
     def last_round(self) -> tuple[int, dict[str, torch.Tensor] | None]:
-        rounds = sorted(int(p.stem.split("-")[1]) for p in self.checkpoints.glob("round-*.safetensors"))
-        if not rounds:
+        checkpoint = latest_checkpoint(self.path)
+        if checkpoint is None:
             return 0, None
-        return rounds[-1], load_file(self.checkpoints / f"round-{rounds[-1]}.safetensors")
+        return int(checkpoint.stem.split("-")[1]), load_file(checkpoint)
 
     def save_round(self, server_round: int, model: OutcomeModel, state: dict[str, torch.Tensor]) -> None:
         """The round's global state (for resume) and, as the latest, a plain PEFT adapter folder."""
@@ -294,8 +293,7 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round=
     if run_config.get("resume"):
         run_config = {**RUN_DEFAULTS, **meta["config"], "resume": True}
     config = train_config_from(run_config)
-    torch.manual_seed(config.seed)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()))
+    model = build_model(config)
     done, state = folder.last_round()
     state = state or model.trainable_state()
     expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}

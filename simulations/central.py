@@ -11,21 +11,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from common.config import TrainConfig
-from common.data import VisitDataset, load_cohort
-from common.display import Phases, make_console, progress_bar
+from common.data import load_cohort
+from common.display import Phases, make_console
 from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, print_metrics, print_peers, write_summary
-from common.features import load_tokenizer, structured_feature_names
-from common.metrics import evaluate
-from common.model import OutcomeModel
+from common.features import load_tokenizer
 from common.peers import regression_peers
 from common.precision import machine_facts
-from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
+from common.train import fit_model, save_trainable_state
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -37,59 +33,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "no_cache", False):
         overrides["cache_frozen"] = False
     return TrainConfig(**overrides)
-
-
-def fit_central(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
-                show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
-                precision: str | None = None, phases: Phases | None = None) -> tuple[OutcomeModel, list[dict]]:
-    """Train on `train`, keeping the epoch with the best mean validation AUROC.
-
-    From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
-    epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
-    """
-    torch.manual_seed(config.seed)
-    model = OutcomeModel(config, n_struct=len(structured_feature_names()), precision=precision)
-    if initial_state is not None:
-        model.load_trainable_state(initial_state)
-    train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
-    history, best, best_state = [], -np.inf, None
-    phases = phases or Phases(quiet=True)
-    with progress_bar(show_progress) as progress:
-        with phases("frozen-layer caching"):
-            cache_frozen_layers(model, train_set, progress=progress)
-            cache_frozen_layers(model, val_set, progress=progress)
-        optimizer = make_optimizer(model, config.lr, config.weight_decay)
-        for epoch in range(0 if initial_state is None else -1, config.epochs):
-            stats = {}
-            if epoch >= 0:
-                loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
-                stats = train_epoch(model, loader, optimizer, progress=progress,
-                                    description=f"epoch {epoch + 1}/{config.epochs}")
-            val_metrics = evaluate(val_set.labels.numpy(), predict(model, val_set), bootstrap=0)
-            aurocs = [m["auroc"] for m in val_metrics.values() if not np.isnan(m["auroc"])]
-            val_auroc = float(np.mean(aurocs)) if aurocs else float("nan")
-            history.append({"epoch": epoch + 1, **stats, "val_mean_auroc": val_auroc,
-                            "val_auroc": {o: m["auroc"] for o, m in val_metrics.items()}})
-            if epoch >= 0:
-                phases.line(f"epoch {epoch + 1}/{config.epochs}: {stats['seconds']:.0f} s, "
-                            f"val mean AUROC {val_auroc:.3f}")
-            # A validation split too small to have both classes gives no AUROC: that epoch ranks last, and
-            # with no AUROC in any epoch the last epoch is kept.
-            score = val_auroc if aurocs else -np.inf
-            if best_state is None or score > best or score == best == -np.inf:
-                best, best_state = score, model.trainable_state()
-    model.load_trainable_state(best_state)
-    return model, history
-
-
-def save_trainable_state(model: OutcomeModel, path: Path) -> Path:
-    """The trained arrays (adapters, tower, fusion, heads; not the encoder), atomically, for audits and reuse."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, tmp)
-    tmp.replace(path)
-    return path
 
 
 def run_central(args: argparse.Namespace) -> dict:
@@ -119,7 +62,7 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
     tokenizer = load_tokenizer(config)
     console.print(f"central training on {train['site'].nunique()} sites ({len(train)} training, {len(test)} test "
                   f"visits), modality {config.modality}, encoder {config.encoder_dir if config.uses_text else '-'}")
-    model, history = fit_central(config, train, val, tokenizer, phases=phases)
+    model, history = fit_model(config, train, val, tokenizer, phases=phases)
     out.mkdir(parents=True, exist_ok=True)
     save_trainable_state(model, out / "model.safetensors")  # before summary.json: a finished run has its model
     with phases("test evaluation"):

@@ -204,12 +204,13 @@ def _run_central_arm(name: str, arm: Arm, base: TrainConfig, cohort, data_dir: P
 
 def _run_federated_arm(settings: dict, data_dir: Path, arm_dir: Path) -> None:
     """`edfed simulate --local-baselines` into the arm's folder; an interrupted one is resumed."""
+    from client.local_models import local_only_models
     from common.evaluation import write_summary
-    from simulations.federated import local_only_baselines, run_simulate
+    from simulations.federated import run_simulate
 
     if (arm_dir / "summary.json").exists():  # the federation finished, its local-only baselines did not
         summary = json.loads((arm_dir / "summary.json").read_text())
-        summary["local_only"] = local_only_baselines(summary["config"], data_dir, arm_dir)
+        summary["local_only"] = local_only_models(summary["config"], data_dir, arm_dir / "local-only")
         write_summary(arm_dir, summary)
         return
     args = argparse.Namespace(
@@ -322,20 +323,11 @@ def mean_per_site_auroc(per_site: dict[str, dict]) -> dict[str, float]:
 
 def _local_only(summary: dict, fed_dir: Path, data_dir: Path, settings: dict) -> dict:
     """Each site's local-only model: its own test split (from the federated arm) and all of them pooled."""
-    import pandas as pd
-
-    from common.contract import OUTCOMES
-    from common.evaluation import oracle_risks
-    from common.metrics import evaluate
+    from common.evaluation import score_saved_predictions
 
     per_site = summary["local_only"]
-    files = [fed_dir / "local-only" / site / "predictions.parquet" for site in per_site]
-    pooled = None
-    if files and all(f.exists() for f in files):  # pooled: every site's test visits scored by its own model
-        table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        labels = table[list(OUTCOMES)].to_numpy(float)
-        probs = table[[f"p_{o}" for o in OUTCOMES]].to_numpy(float)
-        pooled = evaluate(labels, probs, settings["bootstrap"], settings["seed"], oracle_risks(data_dir, table))
+    pooled = score_saved_predictions([fed_dir / "local-only" / site / "predictions.parquet" for site in per_site],
+                                     data_dir, settings["bootstrap"], settings["seed"])
     wall = summary.get("wall_seconds_total", math.nan) - summary.get("wall_seconds", 0.0)
     return {"label": "local-only (each site its own data, no DP)", "final": pooled or {}, "per_site": per_site,
             "mean_per_site_auroc": mean_per_site_auroc(per_site),

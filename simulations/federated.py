@@ -1,8 +1,8 @@
 """`edfed simulate`: the six sites as virtual SuperNodes in Flower's simulation engine, on one machine.
 
 The ServerApp and ClientApp are the deployed ones; only the transport differs. After the
-federation, each site's local-only model (same code, its own data alone) is trained as a baseline, and
-the global model can be fine-tuned at each site (`--personalize`).
+federation, each site's local-only model (client.local_models) can be trained as a baseline
+(`--local-baselines`), and the global model fine-tuned at each site (`--personalize`).
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pandas as pd
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.config import RUN_DEFAULTS, TrainConfig, run_config_from_args, train_config_from
+from client.local_models import local_only_models, personalized_models
+from common.config import run_config_from_args
 from common.contract import OUTCOMES
-from common.data import load_cohort, load_site_splits, site_files
+from common.data import load_cohort, site_files
 from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, print_peers, write_summary
-from common.features import load_tokenizer
+from common.evaluation import print_peers, write_summary
 from common.peers import federation_peers
 
 
@@ -91,98 +89,6 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
     return outcome["summary"]
 
 
-def local_only_baselines(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
-    """Each site's model trained on its own data alone (same code and epochs), on its own test split."""
-    # Trained without DP, so `compact: auto` resolves as for a run without DP.
-    config = train_config_from({**run_config, "epsilon": math.inf})
-    return _fit_at_each_site(config, run_config, load_cohort(data_dir, config.seed), data_dir, out_dir / "local-only",
-                             "local-only")
-
-
-def personalized_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
-    """The final global model fine-tuned at each site on its own data, scored on that site's test split."""
-    config, start = personalization_start(run_config, run_dir)
-    return _fit_at_each_site(config, run_config, load_cohort(data_dir, config.seed), data_dir,
-                             run_dir / "personalized", "personalized", initial_state=start)
-
-
-def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The whole model to fine-tune at a site, and its start: the run's last global model.
-
-    No DP: the fine-tuned model never leaves the site, and neither does anything computed from it. So the whole
-    model trains, even where the federation kept parts frozen for DP (`compact`): those parts are the seeded
-    init, which the full model shares; as a training site does, this checks the encoder and those seeded
-    matrices against the ones the run recorded. Validation then picks among the epochs and the untouched global
-    model, so a site keeps the federation's model when its own data cannot improve it.
-    """
-    from safetensors.torch import load_file
-
-    from client.site import build_model, check_encoder
-    from common.exchange import frozen_init_fingerprint
-
-    checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"), key=lambda p: int(p.stem[6:]))
-    if not checkpoints:
-        raise EdfedError(f"{run_dir}: no global model checkpoint (checkpoints/round-K.safetensors) to personalize")
-    recorded = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    global_config = train_config_from(run_config)
-    check_encoder(global_config, recorded.get("encoder-fingerprint", ""))
-    if recorded.get("frozen-fingerprint", "") not in ("", frozen_init_fingerprint(build_model(global_config, None))):
-        raise EdfedError(f"{run_dir}: the run's seeded frozen matrices differ from the ones built here "
-                         "(another torch version?); refusing to fine-tune its global model")
-    config = train_config_from({**run_config, "compact": False})
-    return config, {**build_model(config, None).trainable_state(), **load_file(checkpoints[-1])}
-
-
-def run_personalize(args: argparse.Namespace) -> dict:
-    """`edfed personalize RUN_DIR --data SITE_FILE`: a deployed site fine-tunes a finished run's global model.
-
-    RUN_DIR is a copy of the coordinator's run folder (run.json and checkpoints/: settings and arrays, no
-    patient data). Everything written goes to --out, at the site.
-    """
-    if not (args.run_dir / "run.json").exists():
-        raise EdfedError(f"{args.run_dir}: no run.json; pass a copy of the coordinator's run folder "
-                         "(run.json and checkpoints/)")
-    run_config = {**RUN_DEFAULTS, **json.loads((args.run_dir / "run.json").read_text())["config"],
-                  "model": str(args.model or "")}  # the coordinator's encoder path means nothing here
-    name = args.site_name or args.data.stem
-    config, start = personalization_start(run_config, args.run_dir)
-    rows = load_site_splits(name, args.data, config.seed, args.mapping).table
-    out = args.out or Path("runs") / f"personalized-{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    final = _fit_at_each_site(config, run_config, rows, args.data.parent, out, "personalized", start)[name]
-    summary = {"kind": "personalized", "config": {**run_config, "train": config.to_dict(),
-                                                  "global-run": str(args.run_dir.resolve())},
-               "final": final, "per_site": {name: final}}
-    write_summary(out, summary)
-    make_console().print(f"wrote {out / 'summary.json'}; the fine-tuned model is {out / name / 'model.safetensors'}")
-    return summary
-
-
-def _fit_at_each_site(config: TrainConfig, run_config: dict, cohort: pd.DataFrame, data_dir: Path, out_dir: Path,
-                      label: str, initial_state: dict | None = None) -> dict:
-    """Train `config` at every site of `cohort` on its own rows; OUT_DIR/<site>/ gets model, plots, predictions."""
-    from simulations.central import fit_central, save_trainable_state
-
-    # As many epochs over its data as the site gave the federation.
-    run_config = {**RUN_DEFAULTS, **run_config}
-    config = config.replace(epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
-    tokenizer = load_tokenizer(config)
-    results = {}
-    sites = cohort.groupby("site", sort=False)
-    with progress_bar() as progress:
-        task = progress.add_task(f"{label} models", total=len(sites), status="")
-        for site, rows in sites:
-            progress.update(task, status=site)
-            model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"],
-                                   tokenizer, show_progress=False, initial_state=initial_state)
-            site_dir = out_dir / site
-            final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
-                                        f"{label}, {site}", site_dir / "predictions.parquet")
-            save_trainable_state(model, site_dir / "model.safetensors")
-            results[site] = final
-            progress.advance(task)
-    return results
-
-
 def run_simulate(args: argparse.Namespace) -> dict:
     console = make_console()
     started = time.perf_counter()
@@ -217,7 +123,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
         summary["peers"] = federation_peers(data_dir, int(run_config["seed"]), console=console)
     if getattr(args, "local_baselines", False):
         with phases("local baselines"):
-            summary["local_only"] = local_only_baselines(run_config, data_dir, run_dir)
+            summary["local_only"] = local_only_models(run_config, data_dir, run_dir / "local-only")
     if getattr(args, "personalize", False):
         with phases("personalization"):
             summary["personalized"] = personalized_models(run_config, data_dir, run_dir)

@@ -105,36 +105,19 @@ def run_point(args: argparse.Namespace, sweep_dir: Path, epsilon: float, seed: i
 
 
 def local_only_reference(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
-    """Each site's model trained on its own data alone (no DP, same epochs as the federation), every site's test
-    visits scored by its own model and pooled: the level a federation must beat to be worth joining.
+    """Each site's local-only model (client.local_models: full model, no DP, the federation's epochs), every
+    site's test visits scored by its own model and pooled: the level a federation must beat to be worth joining.
 
     Computed once per seed, not per budget: it involves no DP, so it does not depend on epsilon.
     """
-    from common.config import train_config_from
-    from common.data import VisitDataset
-    from common.evaluation import score_test
-    from common.features import load_tokenizer
-    from common.train import cache_frozen_layers, predict
-    from simulations.central import fit_central
+    from client.local_models import local_only_config, local_only_models
+    from common.evaluation import score_saved_predictions
 
     started = time.perf_counter()
-    config = train_config_from(run_config).replace(
-        epochs=int(run_config["num-server-rounds"]) * int(run_config["local-epochs"]))
-    cohort = load_cohort(data_dir, config.seed)
-    tokenizer = load_tokenizer(config)
-    tests, labels, probs = [], [], []
-    for _, rows in cohort.groupby("site", sort=False):
-        model, _ = fit_central(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"], tokenizer,
-                               show_progress=False)
-        test = rows[rows["split"] == "test"]
-        dataset = VisitDataset(test, tokenizer, config)
-        cache_frozen_layers(model, dataset)
-        tests.append(test)
-        labels.append(dataset.labels.numpy())
-        probs.append(predict(model, dataset))
-    final, per_site = score_test(pd.concat(tests, ignore_index=True), np.concatenate(labels), np.concatenate(probs),
-                                 data_dir, out_dir, "local-only (each site alone, no DP), pooled test",
-                                 config.bootstrap, config.seed)
+    config = local_only_config(run_config)
+    per_site = local_only_models(run_config, data_dir, out_dir)
+    final = score_saved_predictions([out_dir / site / "predictions.parquet" for site in per_site], data_dir,
+                                    config.bootstrap, config.seed)
     summary = {"kind": "local-only", "config": {**run_config, "train": config.to_dict()}, "final": final,
                "per_site": per_site, "wall_seconds": time.perf_counter() - started}
     write_summary(out_dir, summary)

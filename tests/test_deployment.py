@@ -113,7 +113,8 @@ import sys
 from pathlib import Path
 
 import client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
-from client.site import build_model, check_site, settings_from_configs, train_round
+from client.site import check_site, settings_from_configs, train_round
+from common.model import build_model
 from common.config import RUN_DEFAULTS, train_config_from
 
 data, encoder, scratch = sys.argv[1:4]
@@ -122,7 +123,7 @@ settings = settings_from_configs({"data-path": data, "epsilon": 8.0, "delta": 1e
                                   "model-path": encoder}, {})
 config = train_config_from({**RUN_DEFAULTS, "model": encoder, "lr": 0.01})
 check_site(settings, config)
-train_round(settings, config, build_model(config, None).trainable_state(), run_id="calibration", server_round=1,
+train_round(settings, config, build_model(config).trainable_state(), run_id="calibration", server_round=1,
             num_rounds=3, local_epochs=1)
 """
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import client.local_models as local_models
 import simulations.central as central
 import simulations.experiments as experiments
 import simulations.federated as federated
@@ -77,8 +78,8 @@ def test_a_second_invocation_reruns_only_the_unfinished_arm(modality_run, cohort
     (out / "gradient-boosting" / "summary.json").unlink()  # as if interrupted during the last arm
     finished = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     trained, baselines = [], []
-    fit, fit_baseline = central.fit_central, experiments.fit_structured_baseline
-    monkeypatch.setattr(central, "fit_central", lambda *a, **k: trained.append(1) or fit(*a, **k))
+    fit, fit_baseline = central.fit_model, experiments.fit_structured_baseline
+    monkeypatch.setattr(central, "fit_model", lambda *a, **k: trained.append(1) or fit(*a, **k))
     monkeypatch.setattr(experiments, "fit_structured_baseline",
                         lambda arm, *a, **k: baselines.append(arm.name) or fit_baseline(arm, *a, **k))
     assert main(_args("modality", cohort, tiny_encoder, out)) == 0
@@ -96,7 +97,7 @@ def test_subgroups_from_a_finished_arm_partition_the_test_split(modality_run, co
     out = tmp_path / "subgroups"
     out.mkdir()
     shutil.copytree(modality_run / "multimodal", out / "multimodal")  # finished: only the scoring runs
-    monkeypatch.setattr(central, "fit_central", lambda *a, **k: pytest.fail("a finished arm was re-trained"))
+    monkeypatch.setattr(central, "fit_model", lambda *a, **k: pytest.fail("a finished arm was re-trained"))
     assert main(_args("subgroups", cohort, tiny_encoder, out)) == 0
     results = json.loads((out / "results.json").read_text())
     n_test = {o: m["n"] for o, m in results["arms"]["multimodal"]["final"].items()}
@@ -177,7 +178,7 @@ def test_settings_reads_federated_and_local_only_results(cohort, tmp_path, monke
     def fake_simulate(args):
         calls.append(args)
         summary = _write_fake_summary(args.out, 0.75, per_site=test["site"].unique())
-        for site, rows in test.groupby("site"):  # what local_only_baselines keeps: predictions per site
+        for site, rows in test.groupby("site"):  # what local_only_models keeps: predictions per site
             (args.out / "local-only" / site).mkdir(parents=True)
             pd.DataFrame({"site": rows["site"], "visit_id": rows["visit_id"], **{o: rows[o] for o in OUTCOMES},
                           **{f"p_{o}": np.linspace(0, 1, len(rows)) for o in OUTCOMES}}).to_parquet(
@@ -204,7 +205,7 @@ def test_settings_reads_federated_and_local_only_results(cohort, tmp_path, monke
     local = summary.pop("local_only")
     (out / "federated" / "summary.json").write_text(json.dumps(summary))
     baselines = []
-    monkeypatch.setattr(federated, "local_only_baselines", lambda *a: baselines.append(1) or local)
+    monkeypatch.setattr(local_models, "local_only_models", lambda *a: baselines.append(1) or local)
     assert main(_args("settings", cohort, tmp_path / "enc", out, "--rounds", "3", "--epsilon", "8")) == 0
     assert len(calls) == 1 and baselines == [1]
 

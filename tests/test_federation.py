@@ -125,9 +125,9 @@ def _settings(cohort: Path, tmp_path: Path, epsilon: float) -> SiteSettings:
 
 
 def _state(config: TrainConfig) -> dict[str, torch.Tensor]:
-    from client.site import build_model
+    from common.model import build_model
 
-    return build_model(config, None).trainable_state()
+    return build_model(config).trainable_state()
 
 
 def test_site_refuses_a_round_that_would_pass_its_budget(cohort, tmp_path, tiny_encoder):
@@ -339,12 +339,12 @@ def test_other_strategies_run_and_frozen_parts_never_travel(cohort, tmp_path, ti
 
 
 def test_proximal_step_pulls_towards_the_global_model(cohort, tiny_encoder):
-    from client.site import build_model
     from common.data import VisitDataset
+    from common.model import build_model
     from common.train import make_loader, make_optimizer, train_epoch
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, modality="structured", lr=0.01)
-    model = build_model(config, None)
+    model = build_model(config)
     global_state = model.trainable_state()
     data = VisitDataset(pd.read_parquet(cohort / "site-1.parquet").assign(site="site-1"), None, config)
     optimizer = make_optimizer(model, config.lr, 0.0)
@@ -361,7 +361,7 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
     """Per-example grads (Opacus hooks) of the adapters and heads sum to the ordinary batch gradient."""
     from opacus import GradSampleModule
 
-    from client.site import build_model
+    from common.model import build_model
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     model = build_model(config, None, precision="fp32")
@@ -394,14 +394,14 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
 def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, tiny_encoder, clipping, unit):
     """Per-layer: each tensor's clipped gradient stays under C/sqrt(n), the thresholds' L2 norm is C (so the
     noise and epsilon are unchanged). Flat clipping lets some tensor take more: the check can tell them apart."""
-    from client.site import build_model
     from common.data import VisitDataset
     from common.features import load_tokenizer
+    from common.model import build_model
     from common.privacy import make_private
     from common.train import make_loader, make_optimizer
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, cache_frozen=False)
-    model = build_model(config, None)
+    model = build_model(config)
     model.fusion[2].p = 0.0
     data = VisitDataset(pd.read_parquet(cohort / "site-1.parquet").assign(site="site-1"), load_tokenizer(config),
                         config)
@@ -429,20 +429,20 @@ def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, 
 
 
 def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp_path, tiny_encoder):
-    from client.site import build_model
     from common.exchange import frozen_init_fingerprint
+    from common.model import build_model
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, compact=True)
-    server_side = frozen_init_fingerprint(build_model(config, None))
-    assert server_side == frozen_init_fingerprint(build_model(config, None))  # rebuilt from the seed: the same
-    assert server_side != frozen_init_fingerprint(build_model(config.replace(seed=1), None))
+    server_side = frozen_init_fingerprint(build_model(config))
+    assert server_side == frozen_init_fingerprint(build_model(config))  # rebuilt from the seed: the same
+    assert server_side != frozen_init_fingerprint(build_model(config.replace(seed=1)))
     settings = _settings(cohort, tmp_path, math.inf)
     state, _ = train_round(settings, config, _state(config), run_id="r", server_round=1, num_rounds=1,
                            local_epochs=1, expected_frozen=server_side)
     assert state is not None
     with pytest.raises(EdfedError, match="frozen matrices"):
         train_round(settings, config, _state(config), run_id="r", server_round=1, num_rounds=1, local_epochs=1,
-                    expected_frozen=frozen_init_fingerprint(build_model(config.replace(seed=1), None)))
+                    expected_frozen=frozen_init_fingerprint(build_model(config.replace(seed=1))))
 
 
 def test_compact_auto_follows_the_runs_privacy_setting():
@@ -459,22 +459,21 @@ def test_compact_auto_follows_the_runs_privacy_setting():
 def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
 
-    import simulations.central
-    from client.site import build_model
+    import client.local_models
+    from client.local_models import personalized_models
     from common.config import train_config_from
     from common.data import VisitDataset
     from common.features import load_tokenizer
     from common.metrics import evaluate
-    from common.train import cache_frozen_layers, predict
-    from simulations.central import fit_central
-    from simulations.federated import personalized_models
+    from common.model import build_model
+    from common.train import cache_frozen_layers, fit_model, predict
 
     run_dir = tmp_path / "run"
     run_config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1, "compact": "true"})
     config = train_config_from(run_config)
     # A compact global model as a federation's last checkpoint holds it: here, the seeded init moved at random.
     torch.manual_seed(1)
-    global_state = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(config, None).trainable_state().items()}
+    global_state = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(config).trainable_state().items()}
     (run_dir / "checkpoints").mkdir(parents=True)
     save_file(global_state, run_dir / "checkpoints" / "round-1.safetensors")
     save_file({k: v - 1 for k, v in global_state.items()}, run_dir / "checkpoints" / "round-0.safetensors")
@@ -482,11 +481,11 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
     fits = []
 
     def recording_fit(fit_config, train, val, tokenizer, **kw):
-        model, history = fit_central(fit_config, train, val, tokenizer, **kw)
+        model, history = fit_model(fit_config, train, val, tokenizer, **kw)
         fits.append((fit_config, val, kw["initial_state"], history))
         return model, history
 
-    monkeypatch.setattr(simulations.central, "fit_central", recording_fit)
+    monkeypatch.setattr(client.local_models, "fit_model", recording_fit)
     results = personalized_models(run_config, cohort, run_dir)
     assert set(results) == {f"site-{k}" for k in range(1, 7)}
     assert all(set(r) == {"mortality_30d", "safe_discharge", "readmission_30d"} for r in results.values())

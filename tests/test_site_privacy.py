@@ -69,7 +69,7 @@ def _with_a_three_visit_patient(cohort: Path, config: TrainConfig) -> VisitDatas
 
 
 def _dp(config: TrainConfig, data: VisitDataset, clipping: str, unit: str):
-    model = build_model(config, None)
+    model = build_model(config)
     model.fusion[2].p = 0.0  # no dropout: a visit's gradient is the same in every batch
     optimizer, loader, _ = make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 8, True),
                                         noise_multiplier=0.0, max_grad_norm=C, seed=0, clipping=clipping, unit=unit)
@@ -137,7 +137,7 @@ def test_patient_level_epsilon_matches_google_dp_accounting(cohort, tmp_path, ti
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=4.0, delta=1e-5,
                             ledger_path=tmp_path / "ledger.json")
-    state, metrics = train_round(settings, config, build_model(config, None).trainable_state(), run_id="r",
+    state, metrics = train_round(settings, config, build_model(config).trainable_state(), run_id="r",
                                  server_round=1, num_rounds=2, local_epochs=1)
     assert state is not None and metrics["patient-level"] == 1
     (entry,) = PrivacyLedger.open(settings.ledger_path).history
@@ -242,7 +242,7 @@ def test_max_epsilon_per_run_bounds_what_one_run_spends(cohort, tmp_path, tiny_e
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
                             ledger_path=tmp_path / "ledger.json", max_epsilon_per_run=1.0)
-    start = build_model(config, None).trainable_state()
+    start = build_model(config).trainable_state()
     _, first = train_round(settings, config, start, run_id="a", server_round=1, num_rounds=1, local_epochs=1)
     assert 0.9 < first["epsilon"] <= 1.0 + 1e-6  # the server asked for one round: it may take the run's cap, no more
     _, second = train_round(settings, config, start, run_id="b", server_round=1, num_rounds=1, local_epochs=1)
@@ -260,7 +260,7 @@ def _dp_site(cohort: Path, ledger: Path, dp_seed: str | None = None) -> SiteSett
 
 def test_two_concurrent_train_messages_both_record_their_spend(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
-    start = build_model(config, None).trainable_state()
+    start = build_model(config).trainable_state()
     settings = _dp_site(cohort, tmp_path / "ledger.json")
     results, barrier = {}, threading.Barrier(2)
 
@@ -283,7 +283,7 @@ def test_two_concurrent_train_messages_both_record_their_spend(cohort, tmp_path,
 
 def test_a_round_that_already_trained_is_refused(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
-    start = build_model(config, None).trainable_state()
+    start = build_model(config).trainable_state()
     settings = _dp_site(cohort, tmp_path / "ledger.json", dp_seed="secret")
     state, _ = train_round(settings, config, start, run_id="r", server_round=3, num_rounds=4, local_epochs=1)
     assert state is not None
@@ -295,7 +295,7 @@ def test_a_round_that_already_trained_is_refused(cohort, tmp_path, tiny_encoder)
 def test_the_dp_seed_depends_on_nothing_the_server_sends(cohort, tmp_path, tiny_encoder):
     # The same site secret on two fresh ledgers: the server's run id and round number differ, the noise does not.
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
-    start = build_model(config, None).trainable_state()
+    start = build_model(config).trainable_state()
     one, _ = train_round(_dp_site(cohort, tmp_path / "a.json", "secret"), config, start, run_id="x",
                          server_round=1, num_rounds=2, local_epochs=1)
     two, _ = train_round(_dp_site(cohort, tmp_path / "b.json", "secret"), config, start, run_id="y",
@@ -367,14 +367,14 @@ def test_an_undefined_auroc_is_reported_as_undefined(cohort, tmp_path, tiny_enco
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=tmp_path / "site-1.parquet", epsilon=math.inf, delta=1e-5,
                             ledger_path=tmp_path / "ledger.json", release_metrics=True, max_queries_per_run=None)
-    metrics = evaluate_site(settings, config, build_model(config, None).trainable_state(), split="test")
+    metrics = evaluate_site(settings, config, build_model(config).trainable_state(), split="test")
     assert math.isnan(metrics["readmission_30d-auroc"]) and math.isfinite(metrics["mortality_30d-auroc"])
     assert math.isfinite(metrics["mean-auroc"])  # over the defined ones
 
 
 def test_nan_global_arrays_are_refused_before_any_budget_is_spent(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
-    state = build_model(config, None).trainable_state()
+    state = build_model(config).trainable_state()
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))
     with pytest.raises(EdfedError, match="NaN or Inf"):
@@ -395,7 +395,7 @@ def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_p
         settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
                                 ledger_path=tmp_path / "hospital" / "ledger.json", cache_dir=tmp_path / "cache",
                                 model_path=str(tiny_encoder))
-        model = build_model(config, None)
+        model = build_model(config)
         train_round(settings, config.replace(seed=7), model.trainable_state(), run_id="r", server_round=1,
                     num_rounds=1, local_epochs=1)  # seed 7: a cache key no other test has filled
         folder = RunFolder(tmp_path / "run")
