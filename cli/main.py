@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="visits at every site (default: realistic, unequal site sizes)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--harder", action="store_true",
-                     help="add calendar waves of COVID-19 mortality (docs/cohort.md, 'Harder cohort')")
+                     help="add calendar waves of COVID-19 mortality, copied-forward text and typos in the notes, and a "
+                          "site that writes Swedish (docs/cohort.md, 'Harder cohort')")
 
     data = sub.add_parser("data", help="site data").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="validate a site file against the data contract")

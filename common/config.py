@@ -53,6 +53,7 @@ class TrainConfig:
     modality: str = RUN_DEFAULTS["modality"]
     note_sections: tuple[str, ...] = NOTE_SECTIONS
     max_tokens: int = RUN_DEFAULTS["max-tokens"]
+    lexical_features: int = RUN_DEFAULTS["lexical-features"]  # hash buckets of the lexical path; 0 = off
     padding: str = "longest"  # "longest" in each batch, or "max_tokens" (fixed; only for comparison)
     # LoRA
     lora_r: int = RUN_DEFAULTS["lora-r"]
@@ -91,6 +92,9 @@ class TrainConfig:
             raise EdfedError(f"padding must be 'longest' or 'max_tokens', got {self.padding!r}")
         if self.max_tokens < 8:
             raise EdfedError(f"--max-tokens must be at least 8, got {self.max_tokens}")
+        if self.lexical_features < 0:
+            raise EdfedError(f"lexical-features must be 0 (off) or a number of hash buckets, "
+                             f"not {self.lexical_features}")
         if self.epochs < 1 or self.batch_size < 1:
             raise EdfedError("--epochs and the batch size must be positive")
         self.note_sections = tuple(self.note_sections)
@@ -103,6 +107,10 @@ class TrainConfig:
     @property
     def uses_text(self) -> bool:
         return self.modality in ("multimodal", "text")
+
+    @property
+    def uses_lexical(self) -> bool:
+        return self.uses_text and self.lexical_features > 0 and not self.compact
 
     @property
     def uses_structured(self) -> bool:
@@ -129,7 +137,7 @@ class TrainConfig:
 # Run-config key -> TrainConfig field, for the keys a site's model and local training need.
 _TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
                "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
-               "ffa-lora": "ffa_lora"}
+               "ffa-lora": "ffa_lora", "lexical-features": "lexical_features"}
 
 
 def train_config_from(run_config: dict) -> TrainConfig:

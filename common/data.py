@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from common.contract import OUTCOMES, load_site
 from common.errors import EdfedError
-from common.features import structured_features, tokenize_notes
+from common.features import lexical_features, structured_features, tokenize_notes
 
 SPLIT_SHARES = {"train": 0.7, "val": 0.1, "test": 0.2}
 _SITE_FILE = re.compile(r"^site-(\d+)\.(parquet|csv)$")
@@ -77,6 +77,7 @@ class VisitDataset(Dataset):
         self.labels = torch.from_numpy(table[list(OUTCOMES)].to_numpy(np.float32, copy=True))
         self.token_ids = (tokenize_notes(table, tokenizer, config.note_sections, config.max_tokens)
                           if config.uses_text else None)
+        self.lexical = lexical_features(table, config.lexical_features) if config.uses_lexical else None
         self.fixed_length = config.max_tokens if config.padding == "max_tokens" else None
         self.frozen_hidden: list[torch.Tensor] | None = None  # per-visit output of the frozen layers
 
@@ -85,6 +86,8 @@ class VisitDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = {"struct": self.struct[i], "labels": self.labels[i]}
+        if self.lexical is not None:
+            item["lexical"] = torch.from_numpy(self.lexical[i].toarray()[0])
         if self.frozen_hidden is not None:
             item["hidden"] = self.frozen_hidden[i]
         elif self.token_ids is not None:
@@ -93,7 +96,7 @@ class VisitDataset(Dataset):
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """Stack a batch, padding sequences to the batch's longest (or to `fixed_length`)."""
-        batch = {k: torch.stack([it[k] for it in items]) for k in ("struct", "labels")}
+        batch = {k: torch.stack([it[k] for it in items]) for k in ("struct", "labels", "lexical") if k in items[0]}
         key = "hidden" if "hidden" in items[0] else "input_ids" if "input_ids" in items[0] else None
         if key:
             lengths = [len(it[key]) for it in items]

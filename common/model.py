@@ -86,6 +86,14 @@ class OutcomeModel(nn.Module):
             self.struct_tower = nn.Sequential(
                 nn.Linear(n_struct, STRUCT_DIM), nn.GELU(), nn.Linear(STRUCT_DIM, STRUCT_DIM), nn.GELU())
             fusion_in += STRUCT_DIM
+        # The lexical path: a logistic regression on hashed n-grams of all of the note text, inside the model (its
+        # logits join the prediction), so the fused model starts from what a TF-IDF regression sees. Zero at the
+        # start: it adds nothing until it has learned something.
+        self.lexical = None
+        if config.uses_lexical:
+            self.lexical = nn.Linear(config.lexical_features, len(OUTCOMES))
+            nn.init.zeros_(self.lexical.weight)
+            nn.init.zeros_(self.lexical.bias)
         self.fusion = nn.Sequential(nn.Linear(fusion_in, FUSION_DIM), nn.GELU(), nn.Dropout(0.1))
         self.heads = nn.Linear(FUSION_DIM, len(OUTCOMES))
         # Multimodal only: each branch also predicts alone, with its own loss, so the fused model cannot
@@ -152,11 +160,12 @@ class OutcomeModel(nn.Module):
     def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         parts = self._branches(batch)
         fused = self.heads(self.fusion(torch.cat(parts, dim=1)))
+        lexical = [self.lexical(batch["lexical"])] if self.lexical is not None else []
         if self.aux_heads is None:
-            return fused, []
-        # Each branch's own logits also enter the prediction (a learned stack of the two unimodal
-        # predictors plus the fusion layer's interactions on top).
-        branch_logits = [head(part) for head, part in zip(self.aux_heads, parts, strict=True)]
+            return fused + sum(lexical), []
+        # Each branch's own logits also enter the prediction (a stack of the unimodal predictors, each also
+        # trained to predict alone, plus the fusion layer's interactions on top).
+        branch_logits = [head(part) for head, part in zip(self.aux_heads, parts, strict=True)] + lexical
         return fused + sum(branch_logits), branch_logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,7 +181,7 @@ class OutcomeModel(nn.Module):
         return loss
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What leaves a site: LoRA adapters, structured tower, fusion and heads. Never the encoder."""
+        """What leaves a site: LoRA adapters, structured tower, lexical path, fusion and heads. Never the encoder."""
         return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -83,7 +83,7 @@ class FittedPeers:
         return PEERS if self.vectorizer is not None else ("structured",)
 
     def _structured(self, table: pd.DataFrame) -> np.ndarray:
-        parts = [structured_features(table).astype(float)]
+        parts = [structured_features(table, calendar=False).astype(float)]
         if self.calendar is not None:
             parts.append(self.calendar.transform(_calendar_days(table)))
         return self.scaler.transform(np.hstack(parts))
@@ -193,7 +193,7 @@ def _fit_peers(train: pd.DataFrame, seed: int) -> FittedPeers:
     # A spline, not a line: risk rose and fell with the waves. One date only (a tiny site): no calendar term.
     calendar = (SplineTransformer(n_knots=_CALENDAR_KNOTS, degree=3, extrapolation="constant").fit(days)
                 if np.ptp(days) > 0 else None)
-    raw = [structured_features(train).astype(float)]
+    raw = [structured_features(train, calendar=False).astype(float)]
     if calendar is not None:
         raw.append(calendar.transform(days))
     scaler = StandardScaler().fit(np.hstack(raw))

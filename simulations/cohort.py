@@ -421,6 +421,8 @@ def simulate_site(k: int, n: int, rng: np.random.Generator, profile: SiteProfile
     if notes:
         writer = _NoteWriter(k, prof, rng)
         table.update(writer.write_all(table, latent))
+        if harder:  # drawn after everything else, so the other columns stay as in the default cohort
+            table.update(messier_notes(table, k, np.random.default_rng(rng.integers(2**63))))
     else:
         for c in NOTE_COLUMNS:
             table[c] = np.full(n, "", dtype=object)
@@ -593,6 +595,130 @@ PHRASES: dict[str, tuple[str, ...]] = {
                "Risks and benefits discussed with the patient, who agrees with the plan.",
                "Prior records reviewed in the electronic health record."),
 }
+# `--harder` only (docs/cohort.md, "Harder cohort"): the notes of one site are written in Swedish (the seed paper's
+# six EDs wrote Swedish), every site's physician notes carry copied-forward text, and words have typos.
+SWEDISH_SITE = 3
+SWEDISH: dict[str, str] = {
+    # graded banks: the note-only traits
+    "well appearing": "opåverkad", "comfortable at rest": "bekväm i vila",
+    "in no acute distress, speaking full sentences": "ej akut påverkad, talar hela meningar",
+    "looks well": "ser pigg ut", "well-appearing, no respiratory distress": "opåverkad, ingen andningspåverkan",
+    "nontoxic, conversant": "ej toxisk, samtalar", "mildly ill appearing but comfortable": "lätt påverkad men bekväm",
+    "no acute distress": "ej akut påverkad",
+    "appears stable, not in respiratory distress": "stabil, ej andningspåverkad",
+    "tired but conversant": "trött men samtalar", "appears fatigued": "ser trött ut",
+    "mildly uncomfortable": "lätt obekväm", "looks tired, mild distress": "ser trött ut, lätt påverkad",
+    "looks unwell": "ser sjuk ut", "ill appearing": "sjukdomspåverkad",
+    "uncomfortable, speaking in short sentences": "obekväm, talar i korta meningar", "appears unwell": "verkar sjuk",
+    "toxic appearing": "toxiskt påverkad", "appears very unwell, in distress": "mycket sjuk, kraftigt påverkad",
+    "looks sick, I am worried about this patient": "ser sjuk ut, jag är orolig för patienten",
+    "ill and toxic appearing": "sjuk och toxiskt påverkad",
+    "ambulatory to triage, NAD": "gående till triage, opåverkad", "walked in, appears comfortable": "kom gående",
+    "appears comfortable": "verkar bekväm", "ambulatory": "gående", "appears tired": "verkar trött",
+    "appears uncomfortable": "verkar obekväm", "mild distress": "lätt påverkad",
+    "arrived by EMS, appears unwell": "kom med ambulans, verkar sjuk", "in resp distress": "andningspåverkad",
+    "arrived by EMS on stretcher, appears very ill": "kom med ambulans på bår, mycket sjuk",
+    "distressed, diaphoretic": "påverkad, kallsvettig", "uncomfortable": "obekväm", "NAD": "opåverkad",
+    "active, works full time": "aktiv, arbetar heltid",
+    "very active at baseline, still drives": "mycket aktiv i vanliga fall, kör bil",
+    "independent, exercises daily": "självständig, motionerar dagligen", "independent in ADLs": "oberoende i ADL",
+    "lives independently, ambulates without assistance": "bor självständigt, går utan hjälp",
+    "independent at baseline": "självständig i vanliga fall", "uses a cane": "går med käpp",
+    "needs help with some ADLs": "behöver hjälp med viss ADL",
+    "slow gait at baseline, uses cane outdoors": "långsam gång, käpp utomhus", "frail, uses walker": "skör, rollator",
+    "recent falls, uses walker": "nyligen fallit, rollator", "frail, high fall risk": "skör, hög fallrisk",
+    "uses walker, 2 falls this year": "rollator, 2 fall i år",
+    "bed-bound, dependent for all ADLs": "sängliggande, beroende i all ADL",
+    "bed-bound, needs total care": "sängliggande, behöver total omvårdnad", "bed-bound": "sängliggande",
+    "lives with spouse, good support at home": "sammanboende, gott stöd hemma",
+    "strong family support": "starkt stöd från familjen", "lives with wife and adult children": "bor med fru och barn",
+    "lives with family": "bor med familj", "daughter nearby checks in daily": "dotter tittar till dagligen",
+    "lives with partner": "sambo", "lives alone, poor follow-up": "ensamboende, dålig uppföljning",
+    "unable to obtain medications": "kan inte hämta ut läkemedel",
+    "no PCP, missed prior appointments": "ingen husläkare, uteblivit från besök",
+    "lives alone, no transportation to follow-up": "ensamboende, saknar transport till återbesök",
+    "lives alone, son visits weekly": "ensamboende, son hälsar på varje vecka",
+    "lives alone, neighbour checks in": "ensamboende, granne tittar till", "lives alone": "ensamboende",
+    "currently homeless, staying in shelter": "bostadslös, bor på härbärge",
+    "unstably housed, no phone": "osäkert boende, ingen telefon", "homeless": "bostadslös",
+    "DNR/DNI per advance directive, not for ICU": "ej HLR enligt vårdplan, ej aktuell för IVA",
+    "goals of care discussed: comfort-focused care": "vårdnivå diskuterad: palliativ vård",
+    "DNR, family wishes no escalation of care": "ej HLR, familjen önskar ingen upptrappning",
+    "DNR/DNI": "ej HLR", "comfort-focused care": "palliativ vård",
+    "family wishes no escalation": "familjen önskar ingen upptrappning",
+    "Full code, confirmed with pt": "full behandling, bekräftat med pat", "full code": "full behandling",
+    "no DNR on file": "inget HLR-beslut",
+    "likely discharge home with return precautions": "troligen hem med råd om återbesök",
+    "plan d/c home with pulse oximeter if sat ok": "plan hem med pulsoximeter om saturation ok",
+    "safe for outpatient management if tolerating PO": "kan skötas polikliniskt om pat äter och dricker",
+    "anticipate discharge home after ambulation trial": "förväntas gå hem efter gångprov",
+    "obs vs admit, reassess after ambulation trial": "observation eller inläggning, ny bedömning efter gångprov",
+    "consider admission if desaturates on ambulation": "överväg inläggning om desaturation vid gång",
+    "reassess after fluids, dispo pending": "ny bedömning efter vätska, vidare handläggning oklar",
+    "admit to medicine": "inläggning medicin", "admit, telemetry": "inläggning, telemetri",
+    "anticipate admission, may need higher level of care": "förväntas läggas in, kan behöva högre vårdnivå",
+    "admit, low threshold for ICU consult": "inläggning, låg tröskel för IVA-konsult",
+    "clear to auscultation bilaterally": "normala andningsljud bilateralt", "CTAB": "ua",
+    "clear, no wheezes": "rena, inga ronki", "scattered crackles": "spridda rassel",
+    "few bibasilar crackles": "enstaka basala rassel", "mild crackles at bases": "lätta basala rassel",
+    "bibasilar crackles, mildly increased work of breathing": "basala rassel, lätt ökat andningsarbete",
+    "bilateral crackles, tachypneic": "bilaterala rassel, takypné",
+    "diffuse crackles, increased work of breathing": "diffusa rassel, ökat andningsarbete",
+    "coarse bilateral crackles, accessory muscle use": "grova rassel bilateralt, använder hjälpmuskulatur",
+    "no focal consolidation": "ingen fokal konsolidering", "clear lungs": "fria lungor",
+    "no acute cardiopulmonary process": "ingen akut kardiopulmonell process",
+    "subtle peripheral opacities": "diskreta perifera förtätningar",
+    "mild bibasilar opacities": "lätta basala förtätningar", "bilateral patchy opacities": "fläckiga förtätningar",
+    "multifocal ground-glass opacities": "multifokala matglasförtätningar",
+    "diffuse bilateral opacities": "diffusa bilaterala förtätningar",
+    "extensive bilateral airspace disease": "utbredda bilaterala förtätningar",
+    # frequent words of the rest of the text
+    "shortness of breath": "andfåddhet", "dyspnea": "dyspné", "dry cough": "torrhosta", "cough": "hosta",
+    "fevers": "feber", "fever": "feber", "fatigue": "trötthet", "malaise": "sjukdomskänsla",
+    "body aches": "värk i kroppen", "loss of taste and smell": "nedsatt lukt och smak", "diarrhea": "diarré",
+    "headache": "huvudvärk", "confusion": "förvirring", "generalized weakness": "allmän svaghet",
+    "resides in nursing home": "bor på äldreboende", "lives in a care home": "bor på vårdboende",
+    "nursing home": "äldreboende", "Social": "Socialt", "Baseline": "Habitualtillstånd", "days": "dagar",
+    "admit": "inläggning", "discharge": "utskrivning", "home": "hem",
+}
+_SWEDISH_PATTERN = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in sorted(SWEDISH, key=len, reverse=True))
+                              + r")\b", re.IGNORECASE)
+_SWEDISH_LOWER = {k.lower(): v for k, v in SWEDISH.items()}
+COPY_FORWARD_P = 0.5  # share of physician notes that open with text copied from an earlier note
+TYPO_P = 0.03  # share of words of 4+ letters with two neighbouring letters swapped
+
+
+def messier_notes(table: dict, k: int, rng: np.random.Generator) -> dict:
+    """`--harder` notes: copied-forward text at the top of half the physician notes (it pushes the history, where
+    social and functional status sit, past a short token budget), typos, and site SWEDISH_SITE in Swedish (the
+    contract's section headers stay, as a site's export maps them)."""
+    filler = PHRASES["filler"] + PHRASES["ros"] + PHRASES["exam-other"] + PHRASES["ed-course"]
+    out = {}
+    for col in NOTE_COLUMNS:
+        notes = np.array(table[col], dtype=object)
+        for i, text in enumerate(notes):
+            if not text:
+                continue
+            if col == "note_physician" and rng.random() < COPY_FORWARD_P:
+                copied = rng.choice(len(filler), size=int(rng.integers(4, 10)), replace=True)
+                text = "Copied from prior note: " + " ".join(filler[j] for j in copied) + "\n" + text
+            if k == SWEDISH_SITE:
+                text = _SWEDISH_PATTERN.sub(lambda m: _SWEDISH_LOWER[m.group(0).lower()], text)
+            notes[i] = _typos(text, rng)
+        out[col] = notes
+    return out
+
+
+def _typos(text: str, rng: np.random.Generator) -> str:
+    words = text.split(" ")
+    for j, word in enumerate(words):
+        if len(word) >= 4 and word.isalpha() and word.lower() not in ("impression", "assessment")  \
+                and rng.random() < TYPO_P:
+            at = int(rng.integers(0, len(word) - 1))
+            words[j] = word[:at] + word[at + 1] + word[at] + word[at + 2:]
+    return " ".join(words)
+
+
 # (pattern, replacement) abbreviations: terse sites apply nearly all, verbose sites almost none
 ABBREVIATIONS = tuple((re.compile(p), r) for p, r in (
     (r"\bshortness of breath\b", "SOB"), (r"\bcomplains of\b", "c/o"), (r"\bpatient\b", "pt"),

@@ -307,3 +307,24 @@ def test_harder_cohort_moves_mortality_with_the_calendar():
     plain = simulate_site(1, 800, np.random.default_rng(4))
     plain_spring = plain["table"]["arrival_date"] < DATE_START + np.timedelta64(61, "D")
     assert np.mean(plain["oracle"]["risk_mortality_30d"][plain_spring]) < np.mean(risk[spring])
+
+
+def test_harder_notes_copy_forward_have_typos_and_one_site_writes_swedish():
+    from simulations.cohort import SWEDISH_SITE
+
+    plain = simulate_site(SWEDISH_SITE, 300, np.random.default_rng(5))["table"]
+    hard = simulate_site(SWEDISH_SITE, 300, np.random.default_rng(5), harder=True)["table"]
+    other = simulate_site(1, 300, np.random.default_rng(5), harder=True)["table"]
+    physician = pd.Series(hard["note_physician"])
+    copied = physician.str.startswith("Copied from prior note:")
+    assert 0.35 < copied.mean() < 0.65
+    assert physician[copied].str.len().mean() > pd.Series(plain["note_physician"])[copied].str.len().mean() + 150
+    # the trait phrases are Swedish at the Swedish site only; section headers stay for the contract
+    swedish_words = ("påverkad", "ensamboende", "rassel", "förtätningar", "sängliggande", "inläggning")
+    text = " ".join(physician) + " ".join(hard["note_assessment_plan"])
+    assert sum(text.count(w) for w in swedish_words) > 100 and physician.str.contains("IMPRESSION:").mean() > 0.9
+    assert not any(w in " ".join(other["note_physician"]) for w in swedish_words)
+    # typos: words of the plain note that the harder one spells otherwise
+    plain_words = set(" ".join(pd.Series(plain["note_triage"])).split())
+    hard_words = set(" ".join(pd.Series(other["note_triage"])).split())
+    assert len(hard_words - plain_words) > 20

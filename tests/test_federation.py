@@ -375,6 +375,7 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
     mask[2, 7:] = 0
     n_struct = model.struct_tower[0].in_features
     batch = {"hidden": model.lower(ids, mask), "attention_mask": mask, "struct": torch.randn(6, n_struct, generator=g),
+             "lexical": torch.rand(6, config.lexical_features, generator=g),
              "labels": torch.tensor([[1.0, 0.0, float("nan")]] * 3 + [[0.0, 1.0, 1.0]] * 3)}
     model.train()
     model.fusion[2].p = 0.0  # dropout off so both passes see the same function

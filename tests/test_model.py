@@ -33,8 +33,10 @@ def _batch(seed: int = 0, b: int = 5, t: int = 17) -> dict[str, torch.Tensor]:
         ids[row, n:], mask[row, n:] = 0, 0
     labels = torch.randint(0, 2, (b, 3), generator=g).float()
     labels[0, 2] = float("nan")
+    n_lex = TrainConfig().lexical_features
+    lexical = torch.rand(b, n_lex, generator=g) * (torch.rand(b, n_lex, generator=g) < 0.01)
     return {"input_ids": ids, "attention_mask": mask, "struct": torch.randn(b, N_STRUCT, generator=g),
-            "labels": labels}
+            "lexical": lexical, "labels": labels}
 
 
 def test_split_forward_equals_the_encoders_own_forward(tiny_encoder):
@@ -98,7 +100,7 @@ def test_training_changes_only_trainable_parts(tiny_encoder):
 
 def test_only_adapters_tower_fusion_heads_leave(tiny_encoder):
     state = _model(tiny_encoder).trainable_state()
-    heads = {"text_proj", "struct_tower", "fusion", "heads", "aux_heads"}
+    heads = {"text_proj", "struct_tower", "fusion", "heads", "aux_heads", "lexical"}
     for name in state:
         assert "lora_" in name or name.split(".")[0] in heads, name
     assert any("lora_" in n for n in state) and any(n.startswith("heads") for n in state)
@@ -137,12 +139,44 @@ def test_modality_selects_inputs_with_the_same_code(tiny_encoder, modality):
 
 def test_structured_features_need_no_other_rows():
     table = pd.DataFrame({"sex": ["male", "female", "female"], "age": [80.0, 30.0, np.nan],
-                          "crp": [300.0, np.nan, 5.0], "on_oxygen": [1.0, 0.0, np.nan]})
+                          "crp": [300.0, np.nan, 5.0], "on_oxygen": [1.0, 0.0, np.nan],
+                          "arrival_date": pd.to_datetime(["2020-04-01", "2020-12-24", "2021-06-30"])})
     alone = np.concatenate([structured_features(table.iloc[[i]]) for i in range(3)])
     np.testing.assert_array_equal(alone, structured_features(table))
     names = structured_feature_names()
     feats = dict(zip(names, structured_features(table)[2], strict=True))
     assert feats["age"] == 0 and feats["age_missing"] == 1 and feats["crp_missing"] == 0
+
+
+def test_calendar_basis_is_piecewise_linear_on_fixed_knots():
+    from common.features import _CALENDAR_KNOTS, calendar_features
+
+    knot, next_knot = _CALENDAR_KNOTS[2], _CALENDAR_KNOTS[3]
+    middle = knot + (next_knot - knot) // 2
+    table = pd.DataFrame({"arrival_date": pd.to_datetime([str(knot), str(middle), "2019-06-01", "2030-01-01"])})
+    basis = calendar_features(table)
+    np.testing.assert_allclose(basis.sum(axis=1), 1.0, rtol=1e-6)
+    assert basis[0, 2] == pytest.approx(1.0)  # on a knot: all weight there
+    assert basis[1, 2] == pytest.approx(0.5, abs=0.02) and basis[1, 3] == pytest.approx(0.5, abs=0.02)
+    assert basis[2, 0] == pytest.approx(1.0) and basis[3, -1] == pytest.approx(1.0)  # flat beyond the knots
+    np.testing.assert_array_equal(np.concatenate([calendar_features(table.iloc[[i]]) for i in range(4)]), basis)
+
+
+def test_lexical_features_are_stateless_tagged_by_section_and_read_any_language():
+    from common.features import lexical_features
+
+    table = pd.DataFrame({
+        "note_triage": ["dyspné, feber", "", "cough"],
+        "note_physician": ["Anamnes: hosta sedan en vecka. IMPRESSION: misstänkt covid-19-pneumoni", "cough",
+                           "IMPRESSION: cough"],
+        "note_assessment_plan": ["ASSESSMENT/PLAN: inläggning på avdelning", "", ""]})
+    x = lexical_features(table, 2**12)
+    np.testing.assert_allclose(np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel()), 1.0, rtol=1e-5)
+    one_at_a_time = [lexical_features(table.iloc[[i]], 2**12).toarray() for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate(one_at_a_time), x.toarray())  # no vocabulary, no other rows
+    assert x[0].nnz > 10  # Swedish words (å, ä, é) are words too
+    # "cough" in a history (row 1) and in an impression (row 2) are different features
+    assert set(x[1].indices).isdisjoint(x[2].indices)
 
 
 def test_truncation_keeps_impression_and_plan_first(tiny_encoder):
