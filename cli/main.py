@@ -107,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--local-baselines", action="store_true",
                      help="also train each site's local-only model as a baseline")
     sim.add_argument("--personalize", action="store_true",
-                     help="also fine-tune the global model at each site on its own data (no DP: it stays at the site)")
+                     help="also choose each site's deployed model on its validation split: the global model, it "
+                          "fine-tuned at the site, the site's local-only model or their mean (no DP: stays there)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
-    pers_help = ("a site fine-tunes a finished run's global model on its own data, without DP (the result stays "
-                 "at the site), and scores it on its own test split")
+    pers_help = ("a site chooses the model it deploys on its own validation split: a finished run's global model, "
+                 "it fine-tuned on the site's data, the site's local-only model or the mean of global and local "
+                 "(no DP: all of it stays at the site), and scores it on its own test split")
     pers = sub.add_parser("personalize", help=pers_help, description=pers_help)
     pers.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                       help="a copy of the coordinator's run folder: run.json and checkpoints/ (no patient data)")

@@ -2,7 +2,9 @@
 
 - local-only: the site's data alone, the full model, no DP (nothing of it leaves), as many epochs as the site
   gives a federation: the level joining must beat.
-- personalized: the federation's final global model fine-tuned on the site's data (`edfed personalize` at a
+- personalized: the federation's final global model fine-tuned on the site's data.
+- deployed: what the site uses, chosen per outcome on its own validation split among the global model, the
+  personalized one, the local-only one and the mean of global and local-only risks (`edfed personalize` at a
   deployed site, `edfed simulate --personalize` for every simulated site).
 
 Both train with `common.train.fit_model`, the trainer central training uses; validation picks the epoch.
@@ -16,18 +18,21 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from common.config import RUN_DEFAULTS, TrainConfig, train_config_from
-from common.data import load_cohort, load_site_splits
+from common.contract import OUTCOMES
+from common.data import VisitDataset, load_cohort, load_site_splits
 from common.display import make_console, progress_bar
 from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, write_summary
+from common.evaluation import evaluate_on_test, score_test, write_summary
 from common.exchange import frozen_init_fingerprint
 from common.features import load_tokenizer
+from common.metrics import evaluate, mean_paired_gain
 from common.model import build_model
-from common.train import fit_model, save_trainable_state
+from common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
 
 
 def site_epochs(run_config: dict) -> int:
@@ -50,11 +55,78 @@ def local_only_models(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
     return fit_site_models(config, load_cohort(data_dir, config.seed), data_dir, out_dir, "local-only")
 
 
-def personalized_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
-    """The final global model fine-tuned at each site on its own data, scored on that site's test split."""
-    config, start = personalization_start(run_config, run_dir)
-    return fit_site_models(config, load_cohort(data_dir, config.seed), data_dir, run_dir / "personalized",
-                           "personalized", initial_state=start)
+# A site's candidates for the model it deploys, in the order that breaks ties on validation: the DP global model
+# first (nothing to train), then the cheaper changes to it.
+CANDIDATES = ("global", "personalized", "global + local-only", "local-only")
+
+
+def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
+    """Every simulated site's deployed model, local-only model and the rest of its candidates (`deploy_at_site`),
+    and the mean over sites of deployed minus local-only with its paired interval."""
+    config = local_only_config(run_config)
+    cohort = load_cohort(data_dir, config.seed)
+    results, pairs = {}, {}
+    with progress_bar() as progress:
+        task = progress.add_task("deployed models", total=cohort["site"].nunique(), status="")
+        for site, rows in cohort.groupby("site", sort=False):
+            progress.update(task, status=site)
+            results[site], pairs[site] = deploy_at_site(run_config, run_dir, rows, data_dir,
+                                                        run_dir / "deployed" / site)
+            progress.advance(task)
+    return summarize_deployment(results, pairs, config.bootstrap, config.seed)
+
+
+def summarize_deployment(results: dict, pairs: dict, bootstrap: int, seed: int) -> dict:
+    """{candidate: {site: metrics}} for every candidate and the deployed model, plus the paired gains."""
+    by_model = {name: {site: r[name] for site, r in results.items()} for name in (*CANDIDATES, "deployed")}
+    return {**by_model, "choices": {site: r["choices"] for site, r in results.items()},
+            "gain_over_local_only": mean_paired_gain(
+                {site: (y, deployed, local) for site, (y, deployed, local) in pairs.items()}, bootstrap, seed)}
+
+
+def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir: Path, out_dir: Path
+                   ) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The model one site deploys, chosen per outcome on the site's own validation split among CANDIDATES: the
+    run's DP global model, it fine-tuned at home (personalized), the site's local-only model, and the mean of
+    the global and local-only risks. All of it stays at the site: no DP is spent, nothing is sent.
+
+    Returns ({candidate or "deployed": test metrics, "choices": {outcome: candidate}},
+    (test labels, deployed risks, local-only risks)) for the paired comparison across sites.
+    """
+    from safetensors.torch import load_file
+
+    from common.files import latest_checkpoint
+
+    full_config, start = personalization_start(run_config, run_dir)
+    local_config = local_only_config(run_config)
+    tokenizer = load_tokenizer(full_config)
+    train, val, test = (rows[rows["split"] == s] for s in ("train", "val", "test"))
+    sets = {s: VisitDataset(part, tokenizer, full_config) for s, part in (("val", val), ("test", test))}
+    models = {"global": build_model(train_config_from(run_config), load_file(latest_checkpoint(run_dir))),
+              "personalized": fit_model(full_config, train, val, tokenizer, show_progress=False,
+                                        initial_state=start)[0],
+              "local-only": fit_model(local_config, train, val, tokenizer, show_progress=False)[0]}
+    risks = {}
+    for split, dataset in sets.items():
+        cache_frozen_layers(models["local-only"], dataset)  # the same frozen layers in every candidate
+        risks[split] = {name: predict(model, dataset) for name, model in models.items()}
+        risks[split]["global + local-only"] = (risks[split]["global"] + risks[split]["local-only"]) / 2
+    labels = {split: dataset.labels.numpy() for split, dataset in sets.items()}
+    choices, deployed = {}, np.empty_like(risks["test"]["global"])
+    for k, outcome in enumerate(OUTCOMES):
+        scores = {name: evaluate(labels["val"], risks["val"][name], bootstrap=0)[outcome]["auroc"]
+                  for name in CANDIDATES}
+        valid = {n: v for n, v in scores.items() if np.isfinite(v)}
+        choices[outcome] = max(valid, key=valid.get) if valid else "global"  # max keeps the first of equals
+        deployed[:, k] = risks["test"][choices[outcome]][:, k]
+    result = {name: score_test(test, labels["test"], risks["test"][name], data_dir, out_dir / name, name,
+                               full_config.bootstrap, full_config.seed)[0]
+              for name in CANDIDATES}
+    result["deployed"] = score_test(test, labels["test"], deployed, data_dir, out_dir, "deployed",
+                                    full_config.bootstrap, full_config.seed, out_dir / "predictions.parquet")[0]
+    save_trainable_state(models["personalized"], out_dir / "personalized.safetensors")
+    save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
+    return {**result, "choices": choices}, (labels["test"], deployed, risks["test"]["local-only"])
 
 
 def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
@@ -85,7 +157,7 @@ def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig,
 
 
 def run_personalize(args: argparse.Namespace) -> dict:
-    """`edfed personalize RUN_DIR --data SITE_FILE`: a deployed site fine-tunes a finished run's global model.
+    """`edfed personalize RUN_DIR --data SITE_FILE`: a deployed site picks the model it deploys (`deploy_at_site`).
 
     RUN_DIR is a copy of the coordinator's run folder (run.json and checkpoints/: settings and arrays, no
     patient data). Everything written goes to --out, at the site.
@@ -96,15 +168,19 @@ def run_personalize(args: argparse.Namespace) -> dict:
     run_config = {**RUN_DEFAULTS, **json.loads((args.run_dir / "run.json").read_text())["config"],
                   "model": str(args.model or "")}  # the coordinator's encoder path means nothing here
     name = args.site_name or args.data.stem
-    config, start = personalization_start(run_config, args.run_dir)
+    config = local_only_config(run_config)
     rows = load_site_splits(name, args.data, config.seed, args.mapping).table
     out = args.out or Path("runs") / f"personalized-{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    final = fit_site_models(config, rows, args.data.parent, out, "personalized", start)[name]
-    summary = {"kind": "personalized", "config": {**run_config, "train": config.to_dict(),
-                                                  "global-run": str(args.run_dir.resolve())},
-               "final": final, "per_site": {name: final}}
+    result, _ = deploy_at_site(run_config, args.run_dir, rows, args.data.parent, out / name)
+    summary = {"kind": "personalized", "config": {**run_config, "global-run": str(args.run_dir.resolve())},
+               "final": result["deployed"], "per_site": {name: result["deployed"]},
+               **{candidate: {name: result[candidate]} for candidate in CANDIDATES},
+               "choices": {name: result["choices"]}}
     write_summary(out, summary)
-    make_console().print(f"wrote {out / 'summary.json'}; the fine-tuned model is {out / name / 'model.safetensors'}")
+    console = make_console()
+    choices = ", ".join(f"{outcome}: {choice}" for outcome, choice in result["choices"].items())
+    console.print(f"deployed model of {name}, per outcome: {choices}")
+    console.print(f"wrote {out / 'summary.json'}; the site's models are in {out / name}")
     return summary
 
 

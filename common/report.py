@@ -25,7 +25,7 @@ SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
 _KNOWN_KEYS = {"kind", "run_id", "config", "final", "per_site", "privacy", "communication", "rounds",
                "site_reports", "rejected_updates", "client_train_seconds", "client_step_seconds", "num_rounds",
                "wall_seconds", "wall_seconds_total", "federation_overhead", "history", "splits", "local_only",
-               "personalized", "subgroups", "sites", "refused_sites", "peers"}
+               "deployment", "subgroups", "sites", "refused_sites", "peers"}
 _SKIP_DIRS = {"cache", "checkpoints", "adapter", "ledgers", "oracle"}
 
 
@@ -262,6 +262,27 @@ def peers_tables(summary: dict) -> list[str]:
     return lines
 
 
+def deployment_tables(deployment: dict) -> list[str]:
+    """Each site's deployed model against its local-only model (and the other candidates), per outcome."""
+    gain = deployment.get("gain_over_local_only", {})
+    header = ["site", "outcome", "deployed", "chosen", "local-only", "global", "personalized", "global + local-only"]
+    rows = []
+    for site, outcomes in deployment.get("deployed", {}).items():
+        for outcome, m in _ordered(outcomes):
+            if small_cell(m):
+                rows.append([site, outcome, SUPPRESSED, *["—"] * (len(header) - 3)])
+                continue
+            rows.append([site, outcome, _num(m.get("auroc")), deployment["choices"][site][outcome],
+                         *(_num(deployment[c][site][outcome].get("auroc"))
+                           for c in ("local-only", "global", "personalized", "global + local-only"))])
+    gains = [[o, _num(g["mean_gain"]), f"[{_num(g['mean_gain_ci'][0])}, {_num(g['mean_gain_ci'][1])}]",
+              _num(g["sites"])] for o, g in gain.items()]
+    return ["## Each site's deployed model against its local-only model (own test visits, AUROC)", "",
+            "Chosen per outcome on the site's own validation split; none of it leaves the site.", "",
+            *_table(header, rows),
+            *_table(["outcome", "mean over sites of deployed - local-only", "paired 95% CI", "sites"], gains)]
+
+
 def render_run(run_dir: Path, summary: dict) -> list[str]:
     """A central or federated run (or any summary with `final`)."""
     kind = summary.get("kind", "run")
@@ -281,9 +302,8 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
     if summary.get("local_only"):
         lines += ["## Each site alone (local-only model, no federation)", "",
                   *cell_table(summary["local_only"], "site")]
-    if summary.get("personalized"):
-        lines += ["## The global model fine-tuned at each site (personalized, no DP, stays at the site)", "",
-                  *cell_table(summary["personalized"], "site")]
+    if summary.get("deployment"):
+        lines += deployment_tables(summary["deployment"])
     if summary.get("subgroups"):
         lines += nested_metrics("Subgroups", summary["subgroups"], level=2)
     for key, value in summary.items():  # anything else that holds metrics, e.g. added by newer code

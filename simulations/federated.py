@@ -2,7 +2,7 @@
 
 The ServerApp and ClientApp are the deployed ones; only the transport differs. After the
 federation, each site's local-only model (client.local_models) can be trained as a baseline
-(`--local-baselines`), and the global model fine-tuned at each site (`--personalize`).
+(`--local-baselines`), and each site's deployed model chosen at home (`--personalize`, client.local_models).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from client.local_models import local_only_models, personalized_models
+from client.local_models import deployed_models, local_only_models
 from common.config import run_config_from_args
 from common.contract import OUTCOMES
 from common.data import load_cohort, site_files
@@ -125,8 +125,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
         with phases("local baselines"):
             summary["local_only"] = local_only_models(run_config, data_dir, run_dir / "local-only")
     if getattr(args, "personalize", False):
-        with phases("personalization"):
-            summary["personalized"] = personalized_models(run_config, data_dir, run_dir)
+        with phases("deployed models"):
+            summary["deployment"] = deployed_models(run_config, data_dir, run_dir)
     summary["timings"] = {**phases.seconds, **summary.get("timings", {})}
     summary["wall_seconds_total"] = time.perf_counter() - started
     summary["federation_overhead"] = summary["wall_seconds"] / max(summary["client_train_seconds"], 1e-9)

@@ -457,11 +457,12 @@ def test_compact_auto_follows_the_runs_privacy_setting():
         train_config_from({**RUN_DEFAULTS, "compact": "sometimes"})
 
 
-def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_path, tiny_encoder, monkeypatch):
+def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_global_model(
+        cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
 
     import client.local_models
-    from client.local_models import personalized_models
+    from client.local_models import CANDIDATES, deployed_models
     from common.config import train_config_from
     from common.data import VisitDataset
     from common.features import load_tokenizer
@@ -483,23 +484,37 @@ def test_personalizing_starts_from_the_global_model_at_each_site(cohort, tmp_pat
 
     def recording_fit(fit_config, train, val, tokenizer, **kw):
         model, history = fit_model(fit_config, train, val, tokenizer, **kw)
-        fits.append((fit_config, val, kw["initial_state"], history))
+        fits.append((fit_config, val, kw.get("initial_state"), history))
         return model, history
 
     monkeypatch.setattr(client.local_models, "fit_model", recording_fit)
-    results = personalized_models(run_config, cohort, run_dir)
-    assert set(results) == {f"site-{k}" for k in range(1, 7)}
-    assert all(set(r) == {"mortality_30d", "safe_discharge", "readmission_30d"} for r in results.values())
-    assert (run_dir / "personalized" / "site-1" / "predictions.parquet").exists()
+    deployment = deployed_models(run_config, cohort, run_dir)
+    sites = {f"site-{k}" for k in range(1, 7)}
+    assert set(deployment["deployed"]) == sites and all(set(deployment[c]) == sites for c in CANDIDATES)
+    for site in sites:  # the deployed model is, per outcome, the candidate the site chose
+        for outcome, choice in deployment["choices"][site].items():
+            assert choice in CANDIDATES
+            assert deployment["deployed"][site][outcome]["auroc"] == pytest.approx(
+                deployment[choice][site][outcome]["auroc"], nan_ok=True)
+    gain = deployment["gain_over_local_only"]["safe_discharge"]
+    per_site = [deployment["deployed"][s]["safe_discharge"]["auroc"] - deployment["local-only"][s]["safe_discharge"]
+                ["auroc"] for s in sites]
+    per_site = [g for g in per_site if np.isfinite(g)]  # a tiny site's test split may hold one class only
+    assert gain["sites"] == len(per_site) > 0 and gain["mean_gain"] == pytest.approx(np.mean(per_site))
+    assert gain["mean_gain_ci"][0] <= gain["mean_gain"] <= gain["mean_gain_ci"][1]
+    assert (run_dir / "deployed" / "site-1" / "predictions.parquet").exists()
 
-    # Every site starts from the last round's global model, with the whole model trainable (no DP at home).
-    full_config, val, start, history = fits[0]
-    assert len(fits) == 6 and not full_config.compact
-    assert all(torch.equal(f[2][k], global_state[k]) for f in fits for k in global_state)
+    # Each site trains twice: local-only from scratch, and personalized from the last round's global model,
+    # both with the whole model trainable (no DP at home).
+    personal = [f for f in fits if f[2] is not None]
+    local = [f for f in fits if f[2] is None]
+    assert len(personal) == len(local) == 6 and not any(f[0].compact for f in fits)
+    assert all(torch.equal(f[2][k], global_state[k]) for f in personal for k in global_state)
+    full_config, val, start, history = personal[0]
     assert set(start) > set(global_state)
     # ...and that start is the global model itself: same predictions, scored untouched as epoch 0.
     tokenizer = load_tokenizer(config)
-    val_set = VisitDataset(val, tokenizer, config)
+    val_set = VisitDataset(val, tokenizer, full_config)
     global_model, start_model = build_model(config, global_state), build_model(full_config, start)
     cache_frozen_layers(global_model, val_set)
     np.testing.assert_allclose(predict(start_model, val_set), predict(global_model, val_set), atol=1e-6)
@@ -528,7 +543,9 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "personalized" and set(summary["per_site"]) == {"site-2"}
     assert set(summary["final"]) == {"mortality_30d", "safe_discharge", "readmission_30d"}
-    tuned, global_state = load_file(out / "site-2" / "model.safetensors"), load_file(
+    chosen = summary["choices"]["site-2"]
+    assert all(summary["final"][o]["auroc"] == summary[c]["site-2"][o]["auroc"] for o, c in chosen.items())
+    tuned, global_state = load_file(out / "site-2" / "personalized.safetensors"), load_file(
         handed / "checkpoints" / "round-1.safetensors")
     assert set(tuned) > set(global_state)  # the whole model, not only what travelled
 
