@@ -19,6 +19,7 @@ from typing import Any
 
 from common.contract import OUTCOMES
 from common.errors import EdfedError
+from common.files import SHARED_FILE_MODE, atomic_write_text
 
 MIN_CELL = 10
 SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
@@ -447,11 +448,7 @@ def render_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Render RUN_DIR/report.md (atomically; sub-runs get their own report.md, linked); returns its path."""
+    """Render RUN_DIR/report.md (atomically; sub-runs get their own report.md, linked); returns its path.
+    Readable by others, unlike the run's other files: it is the page meant to be published."""
     run_dir = Path(run_dir)
-    text = render_report(run_dir)
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(run_dir / "report.md", render_report(run_dir), SHARED_FILE_MODE)

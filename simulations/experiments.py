@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from common.config import NOTE_SECTIONS, TrainConfig
 from common.errors import EdfedError
+from common.files import atomic_write_text
 
 # The two sections Henriksson et al. found most predictive, and the rest.
 KEY_SECTIONS = ("impression", "assessment_plan")
@@ -162,7 +162,7 @@ def run_experiment(name: str, data_dir: Path, out: Path | None = None, model: Pa
     results = collect_results(experiment, arms, summaries, settings, cohort, data_dir, out)
     results["wall_seconds"] = time.perf_counter() - started
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.md", results_markdown(results))
     _write_plot(results, out / "auroc.png")
     print(arms_table(results))
     console.print(f"wrote {out / 'results.md'}, results.json and auroc.png ({results['wall_seconds']:.0f} s)")
@@ -562,9 +562,7 @@ def _write_plot(results: dict, path: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def _command(settings: dict, out: Path) -> str:

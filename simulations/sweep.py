@@ -35,6 +35,7 @@ from common.data import load_cohort, site_files
 from common.display import make_console
 from common.errors import EdfedError
 from common.evaluation import write_summary
+from common.files import atomic_write, atomic_write_text
 
 DEFAULT_EPSILONS = "0.5,1,2,4,8,inf"
 METRICS = ("auroc", "auprc")
@@ -160,9 +161,7 @@ def write_results(sweep_dir: Path, settings: dict, started: float) -> dict:
         raise EdfedError(f"{sweep_dir}: no finished point to tabulate")
     points = pd.DataFrame(rows).sort_values(["epsilon", "seed"], ignore_index=True)
     columns = [c for c in points.columns if c not in ("oracle", "folder")]
-    tmp = sweep_dir / "results.csv.tmp"
-    points[columns].to_csv(tmp, index=False)
-    os.replace(tmp, sweep_dir / "results.csv")
+    atomic_write(sweep_dir / "results.csv", lambda tmp: points[columns].to_csv(tmp, index=False))
 
     value_cols = [c for c in columns if c not in ("epsilon", "seed")]
     grouped = points.groupby("epsilon")[value_cols]
@@ -242,9 +241,7 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
                      + f" | {_fmt(r['epsilon_spent_max'], math.nan, 1, 2)} | {_fmt(r['attack_auroc'], math.nan, 1)} | "
                      f"{_fmt(r['attack_tpr_at_fpr_1pct'], math.nan, 1)} | {_fmt(r['wall_seconds'], math.nan, 1, 0)} | "
                      f"[{r['folder']}]({r['folder']}) |")
-    tmp = sweep_dir / "results.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, sweep_dir / "results.md")
+    atomic_write_text(sweep_dir / "results.md", "\n".join(lines) + "\n")
 
 
 def _check_settings(sweep_dir: Path, settings: dict) -> None:
@@ -260,9 +257,7 @@ def _check_settings(sweep_dir: Path, settings: dict) -> None:
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise EdfedError(f"--out {sweep_dir} is not empty and holds no sweep (no sweep.json); choose another folder")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": settings}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"settings": settings}, indent=1))
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
