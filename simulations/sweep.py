@@ -38,7 +38,6 @@ from common.evaluation import write_summary
 from common.files import atomic_write, atomic_write_text
 from common.markdown import markdown_table
 
-DEFAULT_EPSILONS = "0.5,1,2,4,8,inf"
 METRICS = ("auroc", "auprc")
 # Settings that differ between points (or only name a folder), so they are not part of sweep.json.
 _PER_POINT = {"epsilon", "seed", "run-dir", "ledger-dir", "resume"}
