@@ -94,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
     central.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {D['central-epochs']})")
-    central.add_argument("--no-cache", action="store_true",
-                         help="recompute the frozen lower layers every step instead of caching them")
 
     sim = sub.add_parser("simulate", help="a simulated federation of the sites in --data (Flower simulation)")
     _add_training_flags(sim)
@@ -118,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     pers = sub.add_parser("personalize", help=pers_help, description=pers_help)
     pers.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                       help="a copy of the coordinator's run folder: run.json and checkpoints/ (no patient data)")
-    pers.add_argument("--data", type=Path, required=True, help="this site's table (DATA_CONTRACT.md)")
+    pers.add_argument("--data", type=Path, required=True, help="this site's table (docs/data-contract.md)")
     pers.add_argument("--mapping", type=Path, default=None, help="column mapping of the site's table, if any")
     pers.add_argument("--model", type=Path, default=None,
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")

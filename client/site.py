@@ -22,15 +22,13 @@ from flwr.common.logger import log
 from common.config import TrainConfig
 from common.data import SiteSplits, VisitDataset, load_site_splits
 from common.errors import EdfedError
-from common.exchange import encoder_fingerprint, frozen_init_fingerprint
+from common.exchange import REFUSED_BUDGET, REFUSED_REPEAT, encoder_fingerprint, frozen_init_fingerprint
 from common.features import load_tokenizer
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
 from common.privacy import PrivacyLedger, make_private
 from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
-
-REFUSED_BUDGET, REFUSED_REPEAT = 1, 2  # the `refused` metric: why a round was not trained
 
 
 @dataclass(frozen=True)

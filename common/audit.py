@@ -11,7 +11,6 @@ what matters for the few visits most at risk (Carlini et al. 2022).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from common.config import TrainConfig
 from common.data import VisitDataset, load_site_splits, site_files
 from common.errors import EdfedError
 from common.features import load_tokenizer
-from common.files import latest_checkpoint
+from common.files import atomic_write_text, latest_checkpoint
 from common.model import OutcomeModel, build_model, per_example_loss
 from common.train import cache_frozen_layers, make_loader
 
@@ -166,8 +165,5 @@ def audit_run(run_dir: Path, site: str = "site-1", data_dir: Path | None = None,
     splits = load_site_splits(site, files[site], config.seed)
     result = audit_model(model, splits.part("train"), splits.part("test"), load_tokenizer(config), seed)
     result.update({"site": site, "members": "train split", "nonmembers": "test split", "model": source})
-    path = run_dir / "audit.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(run_dir / "audit.json", json.dumps(result, indent=2))
     return result

@@ -54,7 +54,9 @@ class TrainConfig:
     note_sections: tuple[str, ...] = NOTE_SECTIONS
     max_tokens: int = RUN_DEFAULTS["max-tokens"]
     lexical_features: int = RUN_DEFAULTS["lexical-features"]  # hash buckets of the lexical path; 0 = off
-    padding: str = "longest"  # "longest" in each batch, or "max_tokens" (fixed; only for comparison)
+    # "longest" in each batch, or "max_tokens" (fixed): only benchmarks/train_speed.py's "naive" setup pads to a fixed
+    # length, the comparison README and docs/results.md report.
+    padding: str = "longest"
     # LoRA
     lora_r: int = RUN_DEFAULTS["lora-r"]
     lora_alpha: int = 16
@@ -67,8 +69,9 @@ class TrainConfig:
     # the fusion layer keep their seeded init, fixed random projections that are the same at every site. DP-SGD
     # puts noise on every trained coordinate; this cuts them from ~74k to ~20k (README, Federated).
     compact: bool = False
-    # Speed: the frozen layers below the adapters run once per visit and their output is cached. Their float
-    # format is not a run setting: each machine picks it (common.precision).
+    # Speed: the frozen layers below the adapters run once per visit and their output is cached (False only in
+    # train_speed.py's "naive" setup). Their float format is not a run setting: each machine picks it
+    # (common.precision).
     cache_frozen: bool = True
     # Optimisation
     aux_weight: float = 1.0  # multimodal: weight of each branch's own auxiliary loss

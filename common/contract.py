@@ -1,4 +1,4 @@
-"""The site data contract (docs: /work/shared/DATA_CONTRACT.md): constants, loading, validation, profile.
+"""The site data contract (docs/data-contract.md): constants, loading, validation, profile.
 
 `load_site` reads one site's table (Parquet or CSV), applies an optional column mapping, checks every rule
 of the contract and returns a clean frame with the contract's dtypes. Every broken rule is collected first

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import EdfedError
+from common.files import atomic_write_text
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -46,6 +47,8 @@ def _fresh_folder(out: Path, names: list[str]) -> Path:
 
 
 def _move_into(tmp: Path, out: Path) -> None:
+    # Not atomic_write: the files were made together in a private temporary folder (each with its own mode)
+    # and are renamed into OUT only when all of them exist, so a failure midway leaves OUT as it was.
     out.mkdir(parents=True, exist_ok=True)
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
@@ -114,9 +117,4 @@ def superexec_secret(path: Path) -> Path:
     if path.exists():
         raise EdfedError(f"{path} already exists; refusing to overwrite a SuperExec secret")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, secrets.token_hex(32))

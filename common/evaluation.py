@@ -16,7 +16,7 @@ from rich.table import Table
 from common.contract import OUTCOMES
 from common.data import VisitDataset, load_oracle
 from common.display import make_console
-from common.files import atomic_write_text
+from common.files import atomic_write, atomic_write_text
 from common.metrics import evaluate
 from common.model import OutcomeModel
 from common.plots import plot_roc_and_calibration
@@ -66,7 +66,8 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
         ids = test[[c for c in ("site", "visit_id", "split") if c in test]].reset_index(drop=True)
         risks = pd.DataFrame({**{o: labels[:, k] for k, o in enumerate(OUTCOMES)},
                               **{f"p_{o}": probs[:, k] for k, o in enumerate(OUTCOMES)}})
-        pd.concat([ids, risks], axis=1).to_parquet(predictions_path, index=False)
+        predictions = pd.concat([ids, risks], axis=1)  # one row a visit: owner-only, like the site's table
+        atomic_write(predictions_path, lambda tmp: predictions.to_parquet(tmp, index=False))
     return final, per_site
 
 

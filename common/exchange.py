@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack")
+# A site's `refused` metric when it sends no update: why it did not train the round.
+REFUSED_BUDGET, REFUSED_REPEAT = 1, 2
 _FINGERPRINTS: dict[tuple, str] = {}
 
 

@@ -1,9 +1,11 @@
-"""Owner-only files and folders, written atomically: ledgers, caches, checkpoints and run folders.
+"""Files written atomically, owner-only unless meant for others: ledgers, caches, checkpoints, run folders.
 
 A ledger or a frozen-layer cache (the encoder's states of patient notes) is patient data, and a
 checkpoint is what a site's budget paid for; none of them is for other users of the machine. Every
 write goes to a unique temporary file in the same folder and is then renamed over the target, so a
-reader (or a crash) never sees half a file, and two writers never share a temporary name.
+reader (or a crash) never sees half a file, and two writers never share a temporary name. Elsewhere, a
+rename only moves what was made whole beside it: a generated cohort folder, a site runner's bin/, a set of
+credentials, the FAB `flwr build` wrote.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o600, 0o700
+# Files written for other users or services to read: a published report (small cells suppressed), nginx's config,
+# a site's trust file (read by the SuperExec's user) and a release signature (sent to every site).
+SHARED_FILE_MODE = 0o644
 
 
 def private_dir(path: Path) -> Path:
@@ -27,8 +32,9 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a unique owner-only temporary file next to `path`, then rename it to `path`."""
+def atomic_write(path: Path, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
+    """Call `write(tmp)` on a unique owner-only temporary file next to `path`, then rename it to `path`
+    with `mode` (owner-only unless the file is meant to be shared: SHARED_FILE_MODE)."""
     path = Path(path)
     if not path.parent.exists():
         private_dir(path.parent)
@@ -37,7 +43,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -45,8 +51,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+def atomic_write_text(path: Path, text: str, mode: int = FILE_MODE) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), mode)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

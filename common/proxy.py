@@ -9,10 +9,10 @@ public port, terminates TLS and passes on exactly the Fleet routes, POST only; e
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from common.errors import EdfedError
+from common.files import SHARED_FILE_MODE, atomic_write_text
 
 # flwr/superlink/routers/fleet/router.py (prefix /v1/fleet), as Flower's SuperNode calls them
 # (flwr/supernode/fleet_http_client.py); tests/test_perimeter.py checks this against the installed flwr.
@@ -90,7 +90,5 @@ def write_proxy_config(out: Path, listen: str, cert: Path, key: Path, ca: Path, 
     for path, text in ((block, server_block(listen, cert.resolve(), key.resolve(), ca.resolve(), superlink,
                                             upstream_name)),
                        (main, standalone_config(out, block))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text, SHARED_FILE_MODE)  # nginx may read it as another user (root)
     return block, main

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from common.errors import EdfedError
+from common.files import SHARED_FILE_MODE, atomic_write_text
 
 FORMAT = "edfed-release-v1"
 SIGNATURE_KEY = "release-signature"  # the run-config key the coordinator's operator passes the token in
@@ -121,8 +122,8 @@ def build_release(app: Path, out: Path) -> tuple[Path, Path]:
         fab_version(fab_bytes, f"the FAB built from {app}")
         fab = out / fabs[0].name
         digest = out / f"{fab.name}.sha256"
-        digest.write_text(f"{fab_sha256(fab_bytes)}  {fab.name}\n")
-        os.replace(fabs[0], fab)
+        atomic_write_text(digest, f"{fab_sha256(fab_bytes)}  {fab.name}\n", SHARED_FILE_MODE)
+        os.replace(fabs[0], fab)  # flwr build's own file (its mode kept), moved out of the build folder
     return fab, digest
 
 
@@ -149,10 +150,8 @@ def sign_release(fab: Path, key_path: Path, out: Path | None = None) -> Path:
     token = {"format": FORMAT, "sha256": sha256, "version": version, "key": key_id(key.public_key()),
              "signature": base64.b64encode(signature).decode()}
     out = out or fab.with_name(f"{fab.name}.sig")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(base64.urlsafe_b64encode(json.dumps(token, sort_keys=True).encode()).decode() + "\n")
-    os.replace(tmp, out)
-    return out
+    token_text = base64.urlsafe_b64encode(json.dumps(token, sort_keys=True).encode()).decode() + "\n"
+    return atomic_write_text(out, token_text, SHARED_FILE_MODE)  # it travels to every site with the FAB
 
 
 # --- site side --------------------------------------------------------------------------------------------
@@ -187,10 +186,7 @@ def write_trust(path: Path, keys: list[Path], min_version: str) -> Path:
             "# and no release older than min-version (raise it to stop an old signed release being replayed).\n"
             f'min-version = "{min_version}"\nkeys = [\n' + "".join(f'    "{line}",\n' for line in lines) + "]\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, body, SHARED_FILE_MODE)  # the SuperExec's user reads it, maybe not its writer
 
 
 def load_trust(path: Path) -> Trust:
@@ -275,5 +271,5 @@ def write_site_runner(out: Path, keys: list[Path], min_version: str) -> list[Pat
             f"Flower's {command}.\nexec '{runner}' {mode} \"$@\"\n")
         os.chmod(tmp / command, 0o755)
     shutil.rmtree(bin_dir, ignore_errors=True)
-    os.replace(tmp, bin_dir)
+    os.replace(tmp, bin_dir)  # a folder swap, not a file write: every shim is replaced at once
     return [trust, *(bin_dir / c for c in TASK_COMMANDS)]

@@ -19,6 +19,8 @@ from typing import Any
 
 from common.contract import OUTCOMES
 from common.errors import EdfedError
+from common.files import SHARED_FILE_MODE, atomic_write_text
+from common.markdown import markdown_table
 
 MIN_CELL = 10
 SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
@@ -49,12 +51,6 @@ def _with_ci(m: dict, name: str) -> str:
     return value if lo is None or value == "n/a" else f"{value} ({_num(lo)}–{_num(hi)})"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    clean = [[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in clean), ""]
-
-
 def _is_metrics(value: Any) -> bool:
     return isinstance(value, dict) and "auroc" in value
 
@@ -79,7 +75,7 @@ def pooled_table(final: dict) -> list[str]:
     rows = [[o, _with_ci(m, "auroc"), _with_ci(m, "auprc"), _num(m.get("brier")), _num(m.get("ece")),
              *([_num(m.get("oracle_auroc"))] if oracle else []), _num(m.get("n")), _num(m.get("events"))]
             for o, m in _ordered(final)]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def cell_table(cells: dict[str, dict], label: str, suppress: bool = True) -> list[str]:
@@ -97,7 +93,7 @@ def cell_table(cells: dict[str, dict], label: str, suppress: bool = True) -> lis
                 rows.append([name, outcome, _with_ci(m, "auroc"), _with_ci(m, "auprc"), _num(m.get("brier")),
                              _num(m.get("ece")), *([_num(m.get("oracle_auroc"))] if oracle else []),
                              _num(m.get("n")), _num(m.get("events"))])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _ordered(outcomes: dict) -> list[tuple[str, dict]]:
@@ -135,7 +131,7 @@ def _holds_metrics(value: Any, depth: int = 0) -> bool:
 def _scalar_table(rows: dict[str, dict], label: str) -> list[str]:
     """{name: {key: scalar}} as a table, one column per key seen."""
     keys = list(dict.fromkeys(k for r in rows.values() for k, v in r.items() if not isinstance(v, dict | list)))
-    return _table([label, *keys], [[name, *(_num(r.get(k)) for k in keys)] for name, r in rows.items()])
+    return markdown_table([label, *keys], [[name, *(_num(r.get(k)) for k in keys)] for name, r in rows.items()])
 
 
 def _figures(run_dir: Path, names: list[str]) -> list[str]:
@@ -152,8 +148,8 @@ def _privacy(summary: dict) -> list[str]:
     rows = [[site, _num(p.get("epsilon")), _num(p.get("budget")), _setting(p.get("delta")),
              _num(p.get("noise_multiplier")), _num(p.get("sample_rate"), 4), _num(p.get("steps")),
              _num(p.get("refused_rounds"))] for site, p in privacy.items()]
-    lines += _table(["site", "ε spent", "ε budget", "δ", "noise multiplier", "sample rate", "steps", "refused rounds"],
-                    rows)
+    lines += markdown_table(["site", "ε spent", "ε budget", "δ", "noise multiplier", "sample rate", "steps",
+                             "refused rounds"], rows)
     return [*lines, "ε is example-level (one visit) from the RDP accountant; ∞ means the site trained without DP.", ""]
 
 
@@ -190,8 +186,8 @@ def _audit(run_dir: Path) -> list[str]:
             f"Attack: {a.get('attack', 'loss threshold')}; members = the site's {a.get('members', 'train split')}, "
             f"non-members = its {a.get('nonmembers', 'test split')}, balanced. AUROC 0.5 = the attacker learns "
             "nothing about who was trained on.", "",
-            *_table(["site", "members", "non-members", "attack AUROC", "TPR @ 1% FPR", "TPR @ 10% FPR",
-                     "best balanced accuracy", "model"], rows)]
+            *markdown_table(["site", "members", "non-members", "attack AUROC", "TPR @ 1% FPR", "TPR @ 10% FPR",
+                             "best balanced accuracy", "model"], rows)]
 
 
 def _setting(value: Any) -> str:
@@ -206,7 +202,7 @@ def _settings(config: dict) -> list[str]:
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, dict)})
     rows = [[k, _setting(v)] for k, v in flat.items()]
-    return ["## Settings", "", *_table(["setting", "value"], rows)] if rows else []
+    return ["## Settings", "", *markdown_table(["setting", "value"], rows)] if rows else []
 
 
 def _model_label(summary: dict) -> str:
@@ -230,7 +226,7 @@ def peers_tables(summary: dict) -> list[str]:
     if any("oracle_auroc" in m for m in final.values()):
         rows.append(["true risk (oracle ceiling)", *(_num(final.get(o, {}).get("oracle_auroc")) for o in OUTCOMES)])
     lines = ["## The model against its regression peers (held-out test, pooled, same rows)", "",
-             *_table(["model", *(f"{o} AUROC (95% CI)" for o in OUTCOMES)], rows),
+             *markdown_table(["model", *(f"{o} AUROC (95% CI)" for o in OUTCOMES)], rows),
              f"Peers fitted on the {_num(method.get('train_rows'))} training visits only and scored on the same "
              f"{_num(peers.get('test_rows'))} test visits as the model: L2 logistic regression per outcome, C chosen "
              f"by cross-validated AUROC ({method.get('cv_folds', '?')} folds); structured = edfed's structured "
@@ -258,7 +254,7 @@ def peers_tables(summary: dict) -> list[str]:
         lines += ["## Per site: the model against each site's own regressions", "",
                   "Each site's regressions are fitted on that site's training visits alone and scored on its own "
                   "test visits, like a hospital that keeps its data and fits the regression itself.", "",
-                  *_table(header, body)]
+                  *markdown_table(header, body)]
     return lines
 
 
@@ -279,8 +275,8 @@ def deployment_tables(deployment: dict) -> list[str]:
               _num(g["sites"])] for o, g in gain.items()]
     return ["## Each site's deployed model against its local-only model (own test visits, AUROC)", "",
             "Chosen per outcome on the site's own validation split; none of it leaves the site.", "",
-            *_table(header, rows),
-            *_table(["outcome", "mean over sites of deployed - local-only", "paired 95% CI", "sites"], gains)]
+            *markdown_table(header, rows),
+            *markdown_table(["outcome", "mean over sites of deployed - local-only", "paired 95% CI", "sites"], gains)]
 
 
 def render_run(run_dir: Path, summary: dict) -> list[str]:
@@ -313,12 +309,13 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
         rounds = summary["rounds"]
         outcomes = list(next(iter(rounds.values())))
         lines += ["## Pooled validation AUROC per round", "",
-                  *_table(["round", *outcomes], [[r, *(_num(v.get(o)) for o in outcomes)] for r, v in rounds.items()])]
+                  *markdown_table(["round", *outcomes],
+                                  [[r, *(_num(v.get(o)) for o in outcomes)] for r, v in rounds.items()])]
     if summary.get("history"):
         lines += ["## Training history", "",
-                  *_table(["epoch", "train loss", "validation mean AUROC", "seconds"],
-                          [[_num(h.get("epoch")), _num(h.get("loss")), _num(h.get("val_mean_auroc")),
-                            _num(h.get("seconds"), 1)] for h in summary["history"]])]
+                  *markdown_table(["epoch", "train loss", "validation mean AUROC", "seconds"],
+                                  [[_num(h.get("epoch")), _num(h.get("loss")), _num(h.get("val_mean_auroc")),
+                                    _num(h.get("seconds"), 1)] for h in summary["history"]])]
     if kind in ("central", "federated") or summary.get("privacy"):
         lines += _privacy(summary)
     if summary.get("sites"):
@@ -344,7 +341,7 @@ def render_sweep(run_dir: Path, summary: dict) -> list[str]:
              _num(b.get("attack_tpr_at_fpr_1pct"))] for b in summary.get("budget_vs_leakage", [])]
     if rows:
         lines += ["## Formal budget against measured leakage", "",
-                  *_table(["ε (budget)", "max ε spent", "attack AUROC", "TPR @ 1% FPR"], rows),
+                  *markdown_table(["ε (budget)", "max ε spent", "attack AUROC", "TPR @ 1% FPR"], rows),
                   "The budget bounds any attacker; the attack AUROC is what one simple attacker reaches (0.5 = none).",
                   ""]
     return lines
@@ -370,7 +367,7 @@ def render_folder(run_dir: Path) -> list[str]:
             raise EdfedError(f"{run_dir / name} is not valid JSON ({exc})") from exc
         scalars = {k: v for k, v in data.items() if isinstance(v, int | float | str)}
         if scalars:
-            lines += _table(["", "value"], [[k, _num(v)] for k, v in scalars.items()])
+            lines += markdown_table(["", "value"], [[k, _num(v)] for k, v in scalars.items()])
         for key, value in data.items():
             title = key.replace("_", " ").capitalize()
             if isinstance(value, dict) and _holds_metrics(value):
@@ -401,7 +398,7 @@ def _csv_table(path: Path, max_rows: int = 100) -> list[str]:
     shown = frame.head(max_rows)
     rows = [[_num(v) if isinstance(v, float) else str(v) for v in row] for row in shown.itertuples(index=False)]
     more = [f"({len(frame) - max_rows} more rows in [{path.name}]({path.name}))", ""] if len(frame) > max_rows else []
-    return [*_table([str(c) for c in frame.columns], rows), *more]
+    return [*markdown_table([str(c) for c in frame.columns], rows), *more]
 
 
 def _child_runs(run_dir: Path, max_depth: int = 3) -> list[Path]:
@@ -435,7 +432,8 @@ def _children(run_dir: Path) -> list[str]:
                      _num(summary.get("wall_seconds_total", summary.get("wall_seconds")), 0)])
     if not rows:
         return []
-    return ["## Runs in this folder", "", *_table(["run", "kind", *(f"{o} AUROC" for o in OUTCOMES), "wall s"], rows)]
+    header = ["run", "kind", *(f"{o} AUROC" for o in OUTCOMES), "wall s"]
+    return ["## Runs in this folder", "", *markdown_table(header, rows)]
 
 
 def render_report(run_dir: Path) -> str:
@@ -467,11 +465,7 @@ def render_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Render RUN_DIR/report.md (atomically; sub-runs get their own report.md, linked); returns its path."""
+    """Render RUN_DIR/report.md (atomically; sub-runs get their own report.md, linked); returns its path.
+    Readable by others, unlike the run's other files: it is the page meant to be published."""
     run_dir = Path(run_dir)
-    text = render_report(run_dir)
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(run_dir / "report.md", render_report(run_dir), SHARED_FILE_MODE)

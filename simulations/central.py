@@ -30,8 +30,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                          "lr", "batch_size") if getattr(args, name, None) is not None}
     if args.model is not None:
         overrides["model"] = str(args.model)
-    if getattr(args, "no_cache", False):
-        overrides["cache_frozen"] = False
     return TrainConfig(**overrides)
 
 

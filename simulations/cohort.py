@@ -1,6 +1,6 @@
 """The simulated cohort: COVID-19 visits to several emergency departments, with notes and true risks.
 
-`generate_cohort(out)` writes `out/site-K.parquet` (one table per ED, following DATA_CONTRACT.md),
+`generate_cohort(out)` writes `out/site-K.parquet` (one table per ED, following docs/data-contract.md),
 `out/cohort.json` (settings, per-site counts, prevalence, missingness) and `out/oracle/site-K.parquet`
 (the exact probability of each outcome under the generating model; no model ever reads it).
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 from common.config import NOTE_SECTIONS, TrainConfig
 from common.errors import EdfedError
+from common.files import atomic_write_text
+from common.markdown import markdown_table
 
 # The two sections Henriksson et al. found most predictive, and the rest.
 KEY_SECTIONS = ("impression", "assessment_plan")
@@ -162,7 +163,7 @@ def run_experiment(name: str, data_dir: Path, out: Path | None = None, model: Pa
     results = collect_results(experiment, arms, summaries, settings, cohort, data_dir, out)
     results["wall_seconds"] = time.perf_counter() - started
     _write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.md", results_markdown(results))
     _write_plot(results, out / "auroc.png")
     print(arms_table(results))
     console.print(f"wrote {out / 'results.md'}, results.json and auroc.png ({results['wall_seconds']:.0f} s)")
@@ -436,11 +437,6 @@ def _auroc_cell(m: dict | None) -> str:
     return _fmt(m["auroc"]) + ci
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def _table_rows(results: dict) -> list[dict]:
     """The main table's rows: every arm, plus the local-only row of `settings`."""
     rows = [{"name": name, **arm} for name, arm in results["arms"].items()]
@@ -478,7 +474,7 @@ def arms_table(results: dict) -> str:
         body.append(["oracle (true risk), same rows"] + ([""] if notes else [])
                     + sum(([_fmt(oracle[o]), ""] for o in OUTCOMES), [])
                     + ([""] * len(OUTCOMES) if per_site else []) + [""])
-    return _md_table(header, body)
+    return "\n".join(markdown_table(header, body))
 
 
 def _shared_oracle(results: dict) -> dict | None:
@@ -517,7 +513,7 @@ def results_markdown(results: dict) -> str:
     if "delta_auroc_vs_all_sections" in results:
         body = [[results["arms"][name]["label"]] + [_fmt_delta(d[o]) for o in OUTCOMES]
                 for name, d in results["delta_auroc_vs_all_sections"].items()]
-        lines += ["## AUROC difference from all sections", "", _md_table(["arm"] + list(OUTCOMES), body)]
+        lines += ["## AUROC difference from all sections", "", *markdown_table(["arm"] + list(OUTCOMES), body)]
     if "subgroups" in results:
         body = []
         for group, levels in results["subgroups"].items():
@@ -527,7 +523,7 @@ def results_markdown(results: dict) -> str:
                                                       f"{metrics[o]['n']}]" for o in OUTCOMES])
         lines += ["## Subgroups of the test split", "",
                   "AUROC (95% CI) [events/visits with a label]; each group's levels partition the test visits.", "",
-                  _md_table(["group", "level", "visits"] + list(OUTCOMES), body)]
+                  *markdown_table(["group", "level", "visits"] + list(OUTCOMES), body)]
     if "loso" in results:
         lines += ["## Leave one site out", "",
                   "External: the model trained without the site, on every visit of it (all its visits are unseen, "
@@ -544,9 +540,9 @@ def results_markdown(results: dict) -> str:
                              _auroc_cell(ext), _auroc_cell(ind), _fmt_delta(columns[-1][3])])
             means = [_nanmean(c) for c in zip(*columns, strict=True)]
             body.append(["mean over sites", ""] + [_fmt(m) for m in means[:3]] + [_fmt_delta(means[3])])
-            lines += [f"### {o}", "", _md_table(["held-out site", "visits", "external, all visits",
-                                                 "external, test split", "in-distribution, test split",
-                                                 "external - in-distribution (test split)"], body)]
+            lines += [f"### {o}", "", *markdown_table(["held-out site", "visits", "external, all visits",
+                                                       "external, test split", "in-distribution, test split",
+                                                       "external - in-distribution (test split)"], body)]
     lines += ["![AUROC with 95% CI](auroc.png)", ""]
     return "\n".join(lines)
 
@@ -562,9 +558,7 @@ def _write_plot(results: dict, path: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def _command(settings: dict, out: Path) -> str:

@@ -35,8 +35,9 @@ from common.data import load_cohort, site_files
 from common.display import make_console
 from common.errors import EdfedError
 from common.evaluation import write_summary
+from common.files import atomic_write, atomic_write_text
+from common.markdown import markdown_table
 
-DEFAULT_EPSILONS = "0.5,1,2,4,8,inf"
 METRICS = ("auroc", "auprc")
 # Settings that differ between points (or only name a folder), so they are not part of sweep.json.
 _PER_POINT = {"epsilon", "seed", "run-dir", "ledger-dir", "resume"}
@@ -160,9 +161,7 @@ def write_results(sweep_dir: Path, settings: dict, started: float) -> dict:
         raise EdfedError(f"{sweep_dir}: no finished point to tabulate")
     points = pd.DataFrame(rows).sort_values(["epsilon", "seed"], ignore_index=True)
     columns = [c for c in points.columns if c not in ("oracle", "folder")]
-    tmp = sweep_dir / "results.csv.tmp"
-    points[columns].to_csv(tmp, index=False)
-    os.replace(tmp, sweep_dir / "results.csv")
+    atomic_write(sweep_dir / "results.csv", lambda tmp: points[columns].to_csv(tmp, index=False))
 
     value_cols = [c for c in columns if c not in ("epsilon", "seed")]
     grouped = points.groupby("epsilon")[value_cols]
@@ -208,6 +207,24 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
     short = {"mortality_30d": "mortality", "safe_discharge": "discharge", "readmission_30d": "readmission"}
     metric_cols = [f"{o}_{m}" for o in OUTCOMES for m in METRICS]
     heads = [f"{short.get(o, o)} {m.upper()}" for o in OUTCOMES for m in METRICS]
+    figures = ["max ε spent", "attack AUROC", "TPR @ 1% FPR", "wall s"]
+    by_budget = []
+    for e in mean.index:
+        n = int(count[e])
+        by_budget.append([epsilon_label(e), str(n), *(_fmt(mean.loc[e, c], sd.loc[e, c], n) for c in metric_cols),
+                          _fmt(mean.loc[e, "epsilon_spent_max"], math.nan, 1, 2),
+                          _fmt(mean.loc[e, "attack_auroc"], sd.loc[e, "attack_auroc"], n),
+                          _fmt(mean.loc[e, "attack_tpr_at_fpr_1pct"], math.nan, 1),
+                          _fmt(mean.loc[e, "wall_seconds"], math.nan, 1, 0)])
+    for name, ref in references.items():
+        by_budget.append([name, "", *(_fmt(ref.get(c, math.nan), math.nan, 1) for c in metric_cols), "", "", "", ""])
+    every = []
+    for row in points.itertuples(index=False):
+        r = row._asdict()
+        every.append([epsilon_label(r["epsilon"]), str(r["seed"]), *(_fmt(r[c], math.nan, 1) for c in metric_cols),
+                      _fmt(r["epsilon_spent_max"], math.nan, 1, 2), _fmt(r["attack_auroc"], math.nan, 1),
+                      _fmt(r["attack_tpr_at_fpr_1pct"], math.nan, 1), _fmt(r["wall_seconds"], math.nan, 1, 0),
+                      f"[{r['folder']}]({r['folder']})"])
     lines = [f"# Privacy sweep: {sweep_dir.name}", "",
              f"{settings.get('modality')} model, {settings.get('num-server-rounds')} rounds of "
              f"{settings.get('strategy')}, {settings.get('local-epochs')} local epoch(s), "
@@ -218,33 +235,9 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
              f"a loss-threshold membership inference on {settings.get('audit-site')} (train vs test visits, "
              "balanced): AUROC 0.5 = no measurable leakage.", "",
              "![privacy-utility](privacy_utility.png)", "",
-             "## Mean ± sd over seeds", "",
-             "| ε (budget) | seeds | " + " | ".join(heads) + " | max ε spent | attack AUROC | TPR @ 1% FPR | wall s |",
-             "|" + "---|" * (len(heads) + 6)]
-    for e in mean.index:
-        n = int(count[e])
-        cells = [_fmt(mean.loc[e, c], sd.loc[e, c], n) for c in metric_cols]
-        lines.append(f"| {epsilon_label(e)} | {n} | " + " | ".join(cells) + " | "
-                     f"{_fmt(mean.loc[e, 'epsilon_spent_max'], math.nan, 1, 2)} | "
-                     f"{_fmt(mean.loc[e, 'attack_auroc'], sd.loc[e, 'attack_auroc'], n)} | "
-                     f"{_fmt(mean.loc[e, 'attack_tpr_at_fpr_1pct'], math.nan, 1)} | "
-                     f"{_fmt(mean.loc[e, 'wall_seconds'], math.nan, 1, 0)} |")
-    for name, ref in references.items():
-        lines.append(f"| {name} | | " + " | ".join(_fmt(ref.get(c, math.nan), math.nan, 1) for c in metric_cols)
-                     + " | | | | |")
-    lines += ["", "## Every point", "",
-              "| ε | seed | " + " | ".join(heads) + " | max ε spent | attack AUROC | TPR @ 1% FPR | wall s | folder |",
-              "|" + "---|" * (len(heads) + 7)]
-    for row in points.itertuples(index=False):
-        r = row._asdict()
-        lines.append(f"| {epsilon_label(r['epsilon'])} | {r['seed']} | "
-                     + " | ".join(_fmt(r[c], math.nan, 1) for c in metric_cols)
-                     + f" | {_fmt(r['epsilon_spent_max'], math.nan, 1, 2)} | {_fmt(r['attack_auroc'], math.nan, 1)} | "
-                     f"{_fmt(r['attack_tpr_at_fpr_1pct'], math.nan, 1)} | {_fmt(r['wall_seconds'], math.nan, 1, 0)} | "
-                     f"[{r['folder']}]({r['folder']}) |")
-    tmp = sweep_dir / "results.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, sweep_dir / "results.md")
+             "## Mean ± sd over seeds", "", *markdown_table(["ε (budget)", "seeds", *heads, *figures], by_budget),
+             "## Every point", "", *markdown_table(["ε", "seed", *heads, *figures, "folder"], every)]
+    atomic_write_text(sweep_dir / "results.md", "\n".join(lines))
 
 
 def _check_settings(sweep_dir: Path, settings: dict) -> None:
@@ -260,9 +253,7 @@ def _check_settings(sweep_dir: Path, settings: dict) -> None:
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise EdfedError(f"--out {sweep_dir} is not empty and holds no sweep (no sweep.json); choose another folder")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": settings}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"settings": settings}, indent=1))
 
 
 def run_sweep(args: argparse.Namespace) -> dict:

@@ -86,7 +86,7 @@ def test_attack_balances_the_sets_and_reads_the_roc_curve():
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_audit_run_finds_the_checkpoint_and_the_peft_adapter(cohort, tmp_path, tiny_encoder, compact):
-    from server.federation import RunFolder
+    from server.run_folder import RunFolder
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, lora_r=4, compact=compact)
     torch.manual_seed(config.seed)

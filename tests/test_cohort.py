@@ -15,7 +15,7 @@ from simulations.cohort import generate_cohort, simulate_site, site_sizes
 N = 150  # visits per site in these tests
 SITES = 6
 
-# written out from DATA_CONTRACT.md on purpose (not imported), so a drift on either side fails here
+# written out from docs/data-contract.md on purpose (not imported), so a drift on either side fails here
 CONTRACT_COLUMNS = [
     "visit_id", "patient_id", "arrival_date", "age", "sex", "resp_rate", "spo2", "on_oxygen", "heart_rate",
     "systolic_bp", "temperature", "gcs", "crp", "urea", "creatinine", "lymphocytes", "d_dimer", "ldh",

@@ -25,7 +25,8 @@ from client.site import SiteSettings, dp_rng_seed, train_round
 from common.config import TrainConfig
 from common.errors import EdfedError
 from common.privacy import PrivacyLedger, epsilon_of
-from server.federation import CheckedFedAvg, run_federation
+from server.federation import run_federation
+from server.strategy import CheckedFedAvg
 from simulations.cohort import generate_cohort
 
 

@@ -29,4 +29,9 @@ def test_six_site_two_round_simulation_improves_over_round_zero(tmp_path, tiny_e
     phases = [timings["contract_check_seconds"], timings["join_seconds"], timings["final_evaluation_seconds"],
               *(r["seconds"] + r["validation_seconds"] for r in timings["rounds"].values())]
     assert all(t > 0 for t in phases) and sum(phases) <= summary["wall_seconds_total"]
+    # The overhead is the federation's wall time over the sites' summed round time, as recorded; no site's round
+    # outlasts the federation, so that sum stays under sites x wall time.
+    assert 0 < summary["client_step_seconds"] <= summary["client_train_seconds"]
+    assert summary["client_train_seconds"] < len(summary["privacy"]) * summary["wall_seconds"]
+    assert summary["federation_overhead"] == pytest.approx(summary["wall_seconds"] / summary["client_train_seconds"])
     assert set(summary["precision"]) == set(summary["privacy"])

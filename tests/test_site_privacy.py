@@ -384,7 +384,7 @@ def test_nan_global_arrays_are_refused_before_any_budget_is_spent(cohort, tmp_pa
 
 
 def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_path, tiny_encoder):
-    from server.federation import RunFolder
+    from server.run_folder import RunFolder
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)

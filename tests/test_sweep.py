@@ -94,7 +94,9 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
     assert [b["epsilon"] for b in sweep["budget_vs_leakage"]] == ["2", "inf"]
     audits = [json.loads((out / p / "audit.json").read_text())["auroc"] for p in ("eps-2/seed-0", "eps-inf/seed-0")]
     assert [b["attack_auroc"] for b in sweep["budget_vs_leakage"]] == pytest.approx(audits)
-    assert "local-only (each site alone, no DP)" in sweep["references"]
+    local = json.loads((out / "local-only" / "seed-0" / "summary.json").read_text())["final"]
+    reference = sweep["references"]["local-only (each site alone, no DP)"]
+    assert reference["mortality_30d_auroc"] == pytest.approx(local["mortality_30d"]["auroc"])  # one seed: its value
     markdown = (out / "results.md").read_text()
     assert "![privacy-utility](privacy_utility.png)" in markdown and "local-only" in markdown
     assert f"{dp['final']['mortality_30d']['auroc']:.3f}" in markdown
