@@ -24,6 +24,8 @@ from common.files import atomic_write
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
 
+LEXICAL_LR_SCALE = 10.0
+
 
 def make_loader(dataset: VisitDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
@@ -102,8 +104,13 @@ def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -
 
 
 def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay)
+    """AdamW over what trains. The lexical path steps LEXICAL_LR_SCALE times larger: a linear model on sparse
+    unit-norm n-gram vectors, each weight seeing only the few visits that use its n-gram, is far from fitted after
+    the epochs that fit the dense layers (4 epochs at 1e-3: readmission AUROC 0.665 alone, at 1e-2: 0.713)."""
+    lexical = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lexical.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lexical.")]
+    groups = [{"params": rest}] + ([{"params": lexical, "lr": lr * LEXICAL_LR_SCALE}] if lexical else [])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def fit_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
