@@ -199,12 +199,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         print_profile(table, args.file)
     elif args.command == "train":
         from simulations.central import run_central
+        from simulations.cohort import ensure_cohort
 
-        if not args.data.exists():
-            from simulations.cohort import generate_cohort
-
-            print(f"{args.data} does not exist: generating the default simulated cohort there")
-            generate_cohort(args.data)
+        ensure_cohort(args.data)
         run_central(args)
     elif args.command == "deploy":
         _deploy(args)

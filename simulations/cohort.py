@@ -1147,3 +1147,13 @@ def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def ensure_cohort(data_dir: Path, seed: int = 0) -> Path:
+    """The default simulated cohort in `data_dir` unless that folder exists: what every command that takes --data
+    does on a fresh machine, so the README's first command needs no data of its own."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        print(f"{data_dir} does not exist: generating the default simulated cohort there", flush=True)
+        generate_cohort(data_dir, seed=seed)
+    return data_dir

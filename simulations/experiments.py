@@ -622,10 +622,8 @@ def run_experiment_command(args: argparse.Namespace) -> None:
     if not args.name:
         raise EdfedError(f"name an experiment: one of {', '.join(EXPERIMENTS)} (`edfed experiment --list` "
                          f"describes them)")
-    if not args.data.exists():
-        from simulations.cohort import generate_cohort
+    from simulations.cohort import ensure_cohort
 
-        print(f"{args.data} does not exist: generating the default simulated cohort there")
-        generate_cohort(args.data)
+    ensure_cohort(args.data)
     run_experiment(args.name, args.data, args.out, args.model, args.epochs, args.rounds, args.seed, args.epsilon,
                    args.bootstrap)

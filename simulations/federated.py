@@ -102,11 +102,10 @@ def run_simulate(args: argparse.Namespace) -> dict:
     else:
         data_dir = args.data
         if not data_dir.exists():
-            from simulations.cohort import generate_cohort
+            from simulations.cohort import ensure_cohort
 
-            console.print(f"{data_dir} does not exist: generating the default simulated cohort there")
             with phases("cohort"):
-                generate_cohort(data_dir, seed=args.seed or 0)
+                ensure_cohort(data_dir, seed=args.seed or 0)
         run_config = run_config_from_args(args)
         out = args.out or Path("runs") / f"federated-{datetime.now():%Y%m%d-%H%M%S}"
         run_config.update({"data-dir": str(data_dir.resolve()), "run-dir": str(out.resolve())})

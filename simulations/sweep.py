@@ -268,11 +268,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
     first_seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
     seeds = [first_seed + k for k in range(args.seeds)]
     data_dir = args.data.resolve()
-    if not data_dir.exists():
-        from simulations.cohort import generate_cohort
+    from simulations.cohort import ensure_cohort
 
-        console.print(f"{args.data} does not exist: generating the default simulated cohort there")
-        generate_cohort(data_dir, seed=first_seed)
+    ensure_cohort(data_dir, seed=first_seed)
     load_cohort(data_dir, first_seed)  # every site passes the contract before anything runs
     if args.audit_site not in site_files(data_dir):
         raise EdfedError(f"--audit-site {args.audit_site}: no such site in {data_dir} "
