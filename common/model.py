@@ -86,14 +86,6 @@ class OutcomeModel(nn.Module):
             self.struct_tower = nn.Sequential(
                 nn.Linear(n_struct, STRUCT_DIM), nn.GELU(), nn.Linear(STRUCT_DIM, STRUCT_DIM), nn.GELU())
             fusion_in += STRUCT_DIM
-        # The lexical path: a logistic regression on hashed n-grams of all of the note text, inside the model (its
-        # logits join the prediction), so the fused model starts from what a TF-IDF regression sees. Zero at the
-        # start: it adds nothing until it has learned something.
-        self.lexical = None
-        if config.uses_lexical:
-            self.lexical = nn.Linear(config.lexical_features, len(OUTCOMES))
-            nn.init.zeros_(self.lexical.weight)
-            nn.init.zeros_(self.lexical.bias)
         self.fusion = nn.Sequential(nn.Linear(fusion_in, FUSION_DIM), nn.GELU(), nn.Dropout(0.1))
         self.heads = nn.Linear(FUSION_DIM, len(OUTCOMES))
         # Multimodal only: each branch also predicts alone, with its own loss, so the fused model cannot
@@ -105,6 +97,15 @@ class OutcomeModel(nn.Module):
             for frozen in (getattr(self, "text_proj", None), self.fusion):
                 if frozen is not None:
                     frozen.requires_grad_(False)
+        # The lexical path: a logistic regression on hashed n-grams of all of the note text, inside the model (its
+        # logits join the prediction), so the fused model starts from what a TF-IDF regression sees. Zero at the
+        # start: it adds nothing until it has learned something. Built last, so the seeded modules above
+        # are the same with it (the full model) and without it (the compact DP model).
+        self.lexical = None
+        if config.uses_lexical:
+            self.lexical = nn.Linear(config.lexical_features, len(OUTCOMES))
+            nn.init.zeros_(self.lexical.weight)
+            nn.init.zeros_(self.lexical.bias)
 
     # --- the encoder, in two halves ---------------------------------------------------------
     @property
