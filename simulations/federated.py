@@ -147,7 +147,7 @@ def print_federated(summary: dict, console: Console) -> None:
     console.print(table)
     if summary.get("peers"):
         print_peers(summary["final"], summary["peers"], console, "federated model", summary.get("per_site"))
-    privacy = Table(title="per-site privacy (example-level, RDP accountant)")
+    privacy = Table(title="per-site privacy (at each site's privacy unit, RDP accountant)")
     for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "refused rounds"):
         privacy.add_column(col)
     for site, p in summary["privacy"].items():

@@ -231,7 +231,8 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
              f"delta {settings.get('delta')}, lr {settings.get('lr')} (with DP {settings.get('dp-lr')}), "
              f"batch {settings.get('batch-size')}; "
              f"data {settings.get('data-dir')}. "
-             "Metrics on the pooled held-out test split; epsilon is per site (example-level, RDP). The attack is "
+             "Metrics on the pooled held-out test split; epsilon is per site and privacy unit (patient by default; "
+             "RDP). The attack is "
              f"a loss-threshold membership inference on {settings.get('audit-site')} (train vs test visits, "
              "balanced): AUROC 0.5 = no measurable leakage.", "",
              "![privacy-utility](privacy_utility.png)", "",
