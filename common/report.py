@@ -150,7 +150,8 @@ def _privacy(summary: dict) -> list[str]:
              _num(p.get("refused_rounds"))] for site, p in privacy.items()]
     lines += markdown_table(["site", "ε spent", "ε budget", "δ", "noise multiplier", "sample rate", "steps",
                              "refused rounds"], rows)
-    return [*lines, "ε is per site and privacy unit (the ledger records which: patient by default) from the RDP accountant; ∞ means the site trained without DP.", ""]
+    return [*lines, "ε is per site and privacy unit (patient by default; the ledger records which), from the RDP "
+            "accountant; ∞ means the site trained without DP.", ""]
 
 
 def _communication_and_time(summary: dict) -> list[str]:
