@@ -65,13 +65,14 @@ def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
     and the mean over sites of deployed minus local-only with its paired interval."""
     config = local_only_config(run_config)
     cohort = load_cohort(data_dir, config.seed)
+    start = personalization_start(run_config, run_dir)  # once: it checks the encoder and loads the checkpoint
     results, pairs = {}, {}
     with progress_bar() as progress:
         task = progress.add_task("deployed models", total=cohort["site"].nunique(), status="")
         for site, rows in cohort.groupby("site", sort=False):
             progress.update(task, status=site)
             results[site], pairs[site] = deploy_at_site(run_config, run_dir, rows, data_dir,
-                                                        run_dir / "deployed" / site)
+                                                        run_dir / "deployed" / site, start)
             progress.advance(task)
     return summarize_deployment(results, pairs, config.bootstrap, config.seed)
 
@@ -84,12 +85,14 @@ def summarize_deployment(results: dict, pairs: dict, bootstrap: int, seed: int) 
                 {site: (y, deployed, local) for site, (y, deployed, local) in pairs.items()}, bootstrap, seed)}
 
 
-def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir: Path, out_dir: Path
+def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir: Path, out_dir: Path,
+                   start: tuple[TrainConfig, dict[str, torch.Tensor]] | None = None
                    ) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The model one site deploys, chosen per outcome on the site's own validation split among CANDIDATES: the
     run's DP global model, it fine-tuned at home (personalized), the site's local-only model, and the mean of
     the global and local-only risks. All of it stays at the site: no DP is spent, nothing is sent.
 
+    `start`: `personalization_start`'s result, when the caller has it (it hashes the encoder and reads the run).
     Returns ({candidate or "deployed": test metrics, "choices": {outcome: candidate}},
     (test labels, deployed risks, local-only risks)) for the paired comparison across sites.
     """
@@ -97,14 +100,14 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
 
     from common.files import latest_checkpoint
 
-    full_config, start = personalization_start(run_config, run_dir)
+    full_config, start_state = start or personalization_start(run_config, run_dir)
     local_config = local_only_config(run_config)
     tokenizer = load_tokenizer(full_config)
     train, val, test = (rows[rows["split"] == s] for s in ("train", "val", "test"))
     sets = {s: VisitDataset(part, tokenizer, full_config) for s, part in (("val", val), ("test", test))}
     models = {"global": build_model(train_config_from(run_config), load_file(latest_checkpoint(run_dir))),
               "personalized": fit_model(full_config, train, val, tokenizer, show_progress=False,
-                                        initial_state=start)[0],
+                                        initial_state=start_state)[0],
               "local-only": fit_model(local_config, train, val, tokenizer, show_progress=False)[0]}
     risks = {}
     for split, dataset in sets.items():
