@@ -159,11 +159,11 @@ class PrivacyLedger:
             # The fractional orders' series cost ~20x the integer orders' closed form. Search on the integer
             # orders first, then only on the orders next to the best ones there. Fewer orders can only give a
             # larger epsilon, so the noise found fits with every order too (`spent` uses all of them).
-            noise = _smallest_fitting(lambda n: fits(n, INTEGER_ORDERS), 0.1, MAX_NOISE)
+            noise = smallest_fitting(lambda n: fits(n, INTEGER_ORDERS), 0.1, MAX_NOISE)
             best = {_epsilon_and_order(h, delta, INTEGER_ORDERS)[1]
                     for h in ([*past, (noise, sample_rate, total_steps)], [(noise, sample_rate, total_steps)])}
             near = tuple(o for o in ORDERS if any(abs(o - b) <= 1.0 for b in best))
-            noise = _smallest_fitting(lambda n: fits(n, near), 0.1, noise)
+            noise = smallest_fitting(lambda n: fits(n, near), 0.1, noise)
         self.plans[run_id] = noise
         return noise
 
@@ -178,7 +178,7 @@ class PrivacyLedger:
                                                  "queries": self.queries}, indent=1))
 
 
-def _smallest_fitting(fits, low: float, high: float) -> float:
+def smallest_fitting(fits, low: float, high: float) -> float:
     """The smallest noise in [low, high] that fits, to PLAN_TOLERANCE (bisection in log space); `high` fits."""
     while high / low > 1 + PLAN_TOLERANCE:
         mid = math.sqrt(low * high)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.special import expit
 
 from common.config import RUN_DEFAULTS, train_config_from
 from common.contract import OUTCOMES
@@ -34,7 +35,7 @@ from common.data import VisitDataset, load_cohort
 from common.features import lexical_features, load_tokenizer, structured_features
 from common.files import atomic_write_text, private_dir
 from common.metrics import evaluate
-from common.privacy import _smallest_fitting, epsilon_of
+from common.privacy import epsilon_of, smallest_fitting
 
 STRUCTURED_SCALE = 4.0  # the structured features' typical norm is ~3 (median 3.1 on the default cohort)
 BLOCKS = 4  # intercept, structured, pooled text, lexical: each of norm <= 1
@@ -50,11 +51,12 @@ def pooled_text(table: pd.DataFrame, model_dir: str = "") -> np.ndarray:
     import torch
 
     from common.model import build_model
-    from common.train import make_loader
+    from common.train import cache_frozen_layers, make_loader
 
     config = train_config_from({**RUN_DEFAULTS, "epsilon": math.inf, "compact": False, "model": model_dir})
     model = build_model(config).eval()
     dataset = VisitDataset(table, load_tokenizer(config), config)
+    cache_frozen_layers(model, dataset)  # the frozen pass as training runs it: batched by length, little padding
     with torch.no_grad():
         return np.concatenate([model.encode_text(batch).float().numpy()
                                for batch in make_loader(dataset, 64, shuffle=False)])
@@ -77,16 +79,27 @@ def patient_weights(patient_ids: np.ndarray) -> np.ndarray:
 
 def gradient_sum(weights: np.ndarray, x: sp.csr_matrix, labels: np.ndarray, visit_weights: np.ndarray) -> np.ndarray:
     """Sum over visits of the weighted logistic-loss gradient; a missing label contributes nothing."""
-    risk = 1.0 / (1.0 + np.exp(-(x @ weights)))
+    risk = expit(x @ weights)
     residual = np.where(np.isnan(labels), 0.0, risk - np.nan_to_num(labels)) * visit_weights[:, None]
     return np.asarray(x.T @ residual)
+
+
+def site_training_sets(cohort: pd.DataFrame, x: sp.csr_matrix, labels: np.ndarray) -> dict[str, tuple]:
+    """{site: (features, labels, visit weights, patients)} of each site's training rows."""
+    sites = {}
+    split = cohort["split"].to_numpy()
+    for site, index in cohort.groupby("site", sort=False).indices.items():
+        train = index[split[index] == "train"]
+        visit_weights = patient_weights(cohort["patient_id"].to_numpy()[train])
+        sites[site] = (x[train], labels[train], visit_weights, int(round(visit_weights.sum())))
+    return sites
 
 
 def noise_for(epsilon: float, delta: float, steps: int) -> float:
     """The smallest noise multiplier whose `steps` full-batch Gaussian steps spend at most `epsilon`."""
     if math.isinf(epsilon):
         return 0.0
-    return _smallest_fitting(lambda noise: epsilon_of([(noise, 1.0, steps)], delta) <= epsilon, 0.1, 500.0)
+    return smallest_fitting(lambda noise: epsilon_of([(noise, 1.0, steps)], delta) <= epsilon, 0.1, 500.0)
 
 
 def train_federated(sites: dict[str, tuple], rounds: int, lr: float, l2: float, noise: float,
@@ -119,18 +132,14 @@ def run(data_dir: Path, epsilon: float, draws: int, split: str, rounds: int, lr:
     n_lexical = int(RUN_DEFAULTS["lexical-features"])
     x = glm_features(cohort, text, n_lexical)
     labels = cohort[list(OUTCOMES)].to_numpy(float)
-    sites = {}
-    for site, index in cohort.groupby("site", sort=False).indices.items():
-        train = index[(cohort["split"].to_numpy()[index] == "train")]
-        visit_weights = patient_weights(cohort["patient_id"].to_numpy()[train])
-        sites[site] = (x[train], labels[train], visit_weights, int(round(visit_weights.sum())))
+    sites = site_training_sets(cohort, x, labels)
     delta = float(RUN_DEFAULTS["delta"])
     noise = noise_for(epsilon, delta, rounds)
     rows = (cohort["split"] == split).to_numpy()
     scores = []
     for draw in range(draws):
         weights = train_federated(sites, rounds, lr, l2, noise, np.random.default_rng([seed, draw]))
-        risk = 1.0 / (1.0 + np.exp(-(x[rows] @ weights)))
+        risk = expit(x[rows] @ weights)
         metrics = evaluate(labels[rows], risk, bootstrap=0)
         scores.append([metrics[o]["auroc"] for o in OUTCOMES])
         print(f"draw {draw}: " + ", ".join(f"{o} {s:.3f}" for o, s in zip(OUTCOMES, scores[-1], strict=True)),

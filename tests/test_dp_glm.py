@@ -19,6 +19,7 @@ from simulations.dp_glm import (
     pooled_text,
     run,
     sensitivity,
+    site_training_sets,
     train_federated,
 )
 
@@ -69,11 +70,8 @@ def test_training_without_noise_lowers_the_loss(features):
     table, x = features
     labels = table[list(OUTCOMES)].to_numpy(float)
     train = (table["split"] == "train").to_numpy()
-    ids = table["patient_id"].to_numpy()
-    sites = {s: (x[train & (table["site"] == s).to_numpy()], labels[train & (table["site"] == s).to_numpy()],
-                 patient_weights(ids[train & (table["site"] == s).to_numpy()]), 1)
-             for s in table["site"].unique()}
-    sites = {s: (a, b, w, int(round(w.sum()))) for s, (a, b, w, _) in sites.items()}
+    sites = site_training_sets(table, x, labels)
+    assert sum(len(w) for _, _, w, _ in sites.values()) == train.sum()
 
     def loss(w):
         risk = np.clip(1 / (1 + np.exp(-(x[train] @ w))), 1e-9, 1 - 1e-9)
