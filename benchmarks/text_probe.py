@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a local HF encoder directory (default: packaged)")
     parser.add_argument("--cache", type=Path, default=Path("runs/probe-cache"), help="frozen-layer cache folder")
     args = parser.parse_args()
-    config = TrainConfig(compact=True, model=str(args.model or ""))
+    config = TrainConfig(architecture="compact", model=str(args.model or ""))
     model = build_model(config).eval()
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "test": []}
     for name, path in site_files(args.data).items():

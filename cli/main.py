@@ -65,8 +65,12 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
                    help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
     p.add_argument("--noise-draw", type=int, default=None,
                    help="simulated sites' DP noise: another value gives each site other noise (default 0)")
-    p.add_argument("--compact", choices=["auto", "true", "false"], default=None,
-                   help=f"train only LoRA B, the structured tower and the heads (default {D['compact']}: with DP)")
+    p.add_argument("--architecture", choices=["auto", "full", "compact", "glm"], default=None,
+                   help=f"what trains (default {D['architecture']}: the DP-GLM with DP, the full model without; "
+                        "compact: the LoRA model under DP-SGD)")
+    p.add_argument("--glm-steps", type=int, default=None,
+                   help=f"the GLM's full-batch steps per site and round (default {D['glm-steps']})")
+    p.add_argument("--glm-lr", type=float, default=None, help=f"the GLM's step size (default {D['glm-lr']:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ Both train with `common.train.fit_model`, the trainer central training uses; val
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 from datetime import datetime
@@ -30,6 +31,7 @@ from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, score_test, write_summary
 from common.exchange import frozen_init_fingerprint
 from common.features import load_tokenizer
+from common.files import private_dir
 from common.metrics import evaluate, mean_paired_gain
 from common.model import build_model
 from common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
@@ -44,7 +46,7 @@ def site_epochs(run_config: dict) -> int:
 def local_only_config(run_config: dict) -> TrainConfig:
     """The one local-only model: the full model (no `compact`, which exists for DP), no DP, the federation's
     learning rate and epochs."""
-    return train_config_from({**run_config, "epsilon": math.inf, "compact": False}).replace(
+    return train_config_from({**run_config, "epsilon": math.inf, "architecture": "full"}).replace(
         epochs=site_epochs(run_config))
 
 
@@ -104,16 +106,23 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     local_config = local_only_config(run_config)
     tokenizer = load_tokenizer(full_config)
     train, val, test = (rows[rows["split"] == s] for s in ("train", "val", "test"))
-    sets = {s: VisitDataset(part, tokenizer, full_config) for s, part in (("val", val), ("test", test))}
     models = {"global": build_model(train_config_from(run_config), load_file(latest_checkpoint(run_dir))),
               "personalized": fit_model(full_config, train, val, tokenizer, show_progress=False,
                                         initial_state=start_state)[0],
-              "local-only": fit_model(local_config, train, val, tokenizer, show_progress=False)[0]}
-    risks = {}
-    for split, dataset in sets.items():
-        cache_frozen_layers(models["local-only"], dataset)  # the same frozen layers in every candidate
-        risks[split] = {name: predict(model, dataset) for name, model in models.items()}
+              "local-only": local_only_model(local_config, train, val, tokenizer, data_dir / LOCAL_ONLY_CACHE)}
+    risks, sets = {}, {}
+    for split, part in (("val", val), ("test", test)):
+        risks[split] = {}
+        for name, model in models.items():
+            # The frozen layers' output depends on where the model's adapters start (the GLM has none): one
+            # cached dataset per kind of model.
+            kind = model.config.architecture
+            if (split, kind) not in sets:
+                sets[split, kind] = VisitDataset(part, tokenizer, model.config)
+                cache_frozen_layers(model, sets[split, kind])
+            risks[split][name] = predict(model, sets[split, kind])
         risks[split]["global + local-only"] = (risks[split]["global"] + risks[split]["local-only"]) / 2
+    sets = {split: sets[split, "full"] for split in ("val", "test")}
     labels = {split: dataset.labels.numpy() for split, dataset in sets.items()}
     choices, deployed = {}, np.empty_like(risks["test"]["global"])
     for k, outcome in enumerate(OUTCOMES):
@@ -130,6 +139,25 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     save_trainable_state(models["personalized"], out_dir / "personalized.safetensors")
     save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
     return {**result, "choices": choices}, (labels["test"], deployed, risks["test"]["local-only"])
+
+
+LOCAL_ONLY_CACHE = ".edfed-local-only"  # in the site's data folder: its own models, owner-only
+
+
+def local_only_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer, cache_dir: Path):
+    """The site's local-only model, trained once per table and settings and kept at the site (`cache_dir`): it
+    depends on neither the run nor its noise, so every run and noise draw at the site deploys against the same one."""
+    from safetensors.torch import load_file
+
+    key = hashlib.sha256(repr([sorted(config.to_dict().items()), pd.util.hash_pandas_object(
+        pd.concat([train, val]), index=False).to_numpy().tobytes()]).encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.safetensors"
+    if path.exists():
+        return build_model(config, load_file(path))
+    model = fit_model(config, train, val, tokenizer, show_progress=False)[0]
+    private_dir(cache_dir)
+    save_trainable_state(model, path)
+    return model
 
 
 def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
@@ -155,7 +183,9 @@ def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig,
     if recorded.get("frozen-fingerprint", "") not in ("", frozen_init_fingerprint(build_model(global_config))):
         raise EdfedError(f"{run_dir}: the run's seeded frozen matrices differ from the ones built here "
                          "(another torch version?); refusing to fine-tune its global model")
-    config = train_config_from({**run_config, "compact": False}).replace(epochs=site_epochs(run_config))
+    if global_config.glm:  # the GLM fine-tuned at home: its full-batch steps, without noise
+        return global_config.replace(epochs=site_epochs(run_config)), load_file(checkpoint)
+    config = train_config_from({**run_config, "architecture": "full"}).replace(epochs=site_epochs(run_config))
     return config, {**build_model(config).trainable_state(), **load_file(checkpoint)}
 
 
@@ -187,9 +217,9 @@ def run_personalize(args: argparse.Namespace) -> dict:
     return summary
 
 
-def fit_site_models(config: TrainConfig, cohort: pd.DataFrame, data_dir: Path, out_dir: Path, label: str,
-                    initial_state: dict | None = None) -> dict:
-    """Train `config` at every site of `cohort` on its own rows; OUT_DIR/<site>/ gets model, plots, predictions."""
+def fit_site_models(config: TrainConfig, cohort: pd.DataFrame, data_dir: Path, out_dir: Path, label: str) -> dict:
+    """Each site's local-only model (`local_only_model`, kept at the site) scored on its own test split;
+    OUT_DIR/<site>/ gets model, plots and predictions."""
     tokenizer = load_tokenizer(config)
     results = {}
     sites = cohort.groupby("site", sort=False)
@@ -197,8 +227,8 @@ def fit_site_models(config: TrainConfig, cohort: pd.DataFrame, data_dir: Path, o
         task = progress.add_task(f"{label} models", total=len(sites), status="")
         for site, rows in sites:
             progress.update(task, status=site)
-            model, _ = fit_model(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"],
-                                 tokenizer, show_progress=False, initial_state=initial_state)
+            model = local_only_model(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"],
+                                     tokenizer, data_dir / LOCAL_ONLY_CACHE)
             site_dir = out_dir / site
             final, _ = evaluate_on_test(model, rows[rows["split"] == "test"], tokenizer, data_dir, site_dir,
                                         f"{label}, {site}", site_dir / "predictions.parquet")

@@ -1,7 +1,8 @@
 """Everything that runs inside a hospital: its settings, its data, one training round, its evaluation.
 
 A site operator can audit this file: the table is read and validated here, the frozen encoder
-layers are cached here (on the site's own disk), DP-SGD runs here under the site's own budget, and
+layers are cached here (on the site's own disk), DP training (the GLM's full-batch DP steps, or DP-SGD) runs
+here under the site's own budget, and
 what it returns is `trainable_state()` arrays plus the scalar metrics built below — nothing else.
 """
 
@@ -28,7 +29,7 @@ from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
 from common.privacy import PrivacyLedger, make_private
-from common.train import cache_frozen_layers, make_loader, make_optimizer, predict, train_epoch
+from common.train import cache_frozen_layers, glm_rows, glm_step, make_loader, make_optimizer, predict, train_epoch
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ _SITE_SPLITS: dict[str, SiteSplits] = {}
 def _cache_key(settings: SiteSettings, config: TrainConfig, precision: str) -> str:
     stat = settings.data_path.stat()
     parts = [settings.data_path.resolve(), stat.st_size, stat.st_mtime_ns, config.modality, config.max_tokens,
-             config.note_sections, config.lora_layers, precision, config.cache_frozen, config.seed,
+             config.note_sections, "all" if config.glm else config.lora_layers, precision, config.cache_frozen,
+             config.seed,
              encoder_fingerprint(config.encoder_dir) if config.uses_text else "-"]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
@@ -253,6 +255,10 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     if settings.release_timing:
         metrics["data-seconds"] = data_seconds
     if not math.isfinite(settings.epsilon):
+        if config.glm:
+            state, trained = _train_glm(settings, model, data, 0.0, None, round_started)
+            return state, {**metrics, **trained, "num-examples": _rounded(settings, len(data)), "epsilon": math.inf,
+                           "steps": config.glm_steps}
         # Without DP the shuffle is a public, reproducible function of the run.
         loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
         optimizer = make_optimizer(model, config.lr, config.weight_decay)
@@ -268,10 +274,12 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
             return None, {**metrics, "refused": REFUSED_REPEAT, "epsilon": ledger.spent(settings.delta), "steps": 0,
                           "num-examples": 0}
         seed = dp_rng_seed(settings, len(ledger.history))
-        loader = make_loader(data, config.batch_size, shuffle=True, seed=seed)
-        optimizer = make_optimizer(model, config.dp_lr, config.weight_decay)
-        sample_rate = 1 / len(loader)  # patient-level: each patient's chance to be in a batch
-        steps = local_epochs * len(loader)
+        if config.glm:  # full-batch steps: every unit is in every step, exactly known sensitivity, no clipping
+            sample_rate, steps = 1.0, config.glm_steps
+        else:
+            loader = make_loader(data, config.batch_size, shuffle=True, seed=seed)
+            sample_rate = 1 / len(loader)  # patient-level: each patient's chance to be in a batch
+            steps = local_epochs * len(loader)
         noise = ledger.plan_noise(run_id, settings.epsilon, settings.delta, sample_rate, num_rounds * steps,
                                   run_cap=settings.max_epsilon_per_run)
         after, run_after = math.inf, math.inf
@@ -283,15 +291,40 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
             ledger.save()  # keep the plan, spend nothing
             return None, {**metrics, "refused": REFUSED_BUDGET, "epsilon": ledger.spent(settings.delta),
                           "epsilon-projected": after, "steps": 0, "num-examples": 0}
-        optimizer, loader, accountant = make_private(model, optimizer, loader, noise, max_grad_norm, seed=seed + 1,
-                                                     clipping=dp_clipping, unit=settings.privacy_unit)
-        state, trained = _train(settings, model, loader, optimizer, local_epochs, proximal_mu, global_state,
-                                round_started)
-        taken = sum(h[2] for h in accountant.history)
+        if config.glm:
+            generator = torch.Generator().manual_seed(seed)
+            state, trained = _train_glm(settings, model, data, noise, generator, round_started)
+            taken = steps
+        else:
+            optimizer = make_optimizer(model, config.dp_lr, config.weight_decay)
+            optimizer, loader, accountant = make_private(model, optimizer, loader, noise, max_grad_norm, seed=seed + 1,
+                                                         clipping=dp_clipping, unit=settings.privacy_unit)
+            state, trained = _train(settings, model, loader, optimizer, local_epochs, proximal_mu, global_state,
+                                    round_started)
+            taken = sum(h[2] for h in accountant.history)
         ledger.record(noise, sample_rate, taken, unit=settings.privacy_unit, run_id=run_id, server_round=server_round)
         ledger.save()
     return state, {**metrics, **trained, "num-examples": _rounded(settings, len(data)),
                    "epsilon": ledger.spent(settings.delta), "steps": taken}
+
+
+def _train_glm(settings: SiteSettings, model: OutcomeModel, data: VisitDataset, noise: float,
+               generator: torch.Generator | None, round_started: float) -> tuple[dict, dict[str, float]]:
+    """The GLM's `glm_steps` full-batch steps; every step sees every unit, so each is one Gaussian mechanism.
+
+    The step divides by the train units rounded to `size-rounding`: the one count it uses that DP does not cover,
+    declared in docs/deployment.md (a coordinator can read it off the update's scale).
+    """
+    started = time.perf_counter()
+    rows = glm_rows(model, data, settings.privacy_unit)
+    divisor = _rounded(settings, round(rows.units))
+    for _ in range(model.config.glm_steps):
+        glm_step(model, rows, divisor, noise, generator)
+    metrics = {}
+    if settings.release_timing:
+        metrics.update({"train-seconds": time.perf_counter() - started,
+                        "round-seconds": time.perf_counter() - round_started})
+    return model.trainable_state(), metrics
 
 
 def _train(settings: SiteSettings, model: OutcomeModel, loader, optimizer, local_epochs: int, proximal_mu: float,

@@ -140,7 +140,7 @@ def load_run_model(run_dir: Path, config: TrainConfig) -> tuple[OutcomeModel, st
         if any("lora_" not in name for name in missing):
             raise EdfedError(f"{adapter}: edfed_heads.safetensors lacks {sorted(missing)[:3]}")
         model.load_state_dict(heads, strict=False)  # the encoder's weights are the base model's
-        if model.encoder is not None:
+        if missing:  # the LoRA adapters (the GLM has none)
             set_peft_model_state_dict(model.encoder, load_file(adapter / "adapter_model.safetensors"))
     else:
         raise EdfedError(f"{run_dir}: no trained model (model.safetensors, checkpoints/ or adapter/) to audit")

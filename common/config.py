@@ -20,6 +20,11 @@ from typing import Any
 from common.errors import EdfedError
 
 MODALITIES = ("multimodal", "text", "structured")
+# What trains (TrainConfig.architecture): "full" (LoRA + structured tower + lexical path + fusion + heads, the model
+# without DP), "compact" (its DP-SGD form: only LoRA's B, the structured tower and the heads train) or "glm" (the
+# DP model: a logistic regression per outcome on fixed, norm-bounded features, trained by full-batch DP gradient
+# descent with an exactly known sensitivity, so nothing is clipped; common.model and common.train say how).
+ARCHITECTURES = ("full", "compact", "glm")
 # Reading order of the note sections, highest priority first: when the token budget is short,
 # the tail (history, then triage) is what gets cut. Henriksson et al. 2023 found impression and
 # assessment/plan carry the most signal.
@@ -65,10 +70,14 @@ class TrainConfig:
     lora_layers: int = RUN_DEFAULTS["lora-layers"]  # adapters in the top N encoder layers; 0 = every layer
     # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
     ffa_lora: bool = RUN_DEFAULTS["ffa-lora"]
-    # Train only LoRA's B, the structured tower and the heads: LoRA's A (as FFA-LoRA), the text projection and
-    # the fusion layer keep their seeded init, fixed random projections that are the same at every site. DP-SGD
-    # puts noise on every trained coordinate; this cuts them from ~74k to ~20k (README, Federated).
-    compact: bool = False
+    # "compact": train only LoRA's B, the structured tower and the heads: LoRA's A (as FFA-LoRA), the text
+    # projection and the fusion layer keep their seeded init, fixed random projections that are the same at every
+    # site (DP-SGD puts noise on every trained coordinate; this cuts them from ~74k to ~20k). "glm": see ARCHITECTURES.
+    architecture: str = "full"
+    # The GLM's local training: full-batch gradient steps per round (per epoch in `fit_model`), their rate and L2.
+    glm_steps: int = RUN_DEFAULTS["glm-steps"]
+    glm_lr: float = RUN_DEFAULTS["glm-lr"]
+    glm_l2: float = RUN_DEFAULTS["glm-l2"]
     # Speed: the frozen layers below the adapters run once per visit and their output is cached (False only in
     # train_speed.py's "naive" setup). Their float format is not a run setting: each machine picks it
     # (common.precision).
@@ -91,6 +100,10 @@ class TrainConfig:
         unknown = set(self.note_sections) - set(NOTE_SECTIONS)
         if unknown:
             raise EdfedError(f"unknown note section(s) {sorted(unknown)}; known: {', '.join(NOTE_SECTIONS)}")
+        if self.architecture not in ARCHITECTURES:
+            raise EdfedError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.glm_steps < 1 or not self.glm_lr > 0 or self.glm_l2 < 0:
+            raise EdfedError("glm-steps and glm-lr must be positive and glm-l2 at least 0")
         if self.padding not in ("longest", "max_tokens"):
             raise EdfedError(f"padding must be 'longest' or 'max_tokens', got {self.padding!r}")
         if self.max_tokens < 8:
@@ -106,6 +119,14 @@ class TrainConfig:
     @property
     def encoder_dir(self) -> Path:
         return Path(self.model) if self.model else default_encoder_dir()
+
+    @property
+    def compact(self) -> bool:
+        return self.architecture == "compact"
+
+    @property
+    def glm(self) -> bool:
+        return self.architecture == "glm"
 
     @property
     def uses_text(self) -> bool:
@@ -140,18 +161,20 @@ class TrainConfig:
 # Run-config key -> TrainConfig field, for the keys a site's model and local training need.
 _TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
                "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
-               "ffa-lora": "ffa_lora", "lexical-features": "lexical_features"}
+               "ffa-lora": "ffa_lora", "lexical-features": "lexical_features", "glm-steps": "glm_steps",
+               "glm-lr": "glm_lr", "glm-l2": "glm_l2"}
 
 
 def train_config_from(run_config: dict) -> TrainConfig:
     """The federation's TrainConfig for a run config (missing keys take RUN_DEFAULTS)."""
     run_config = {**RUN_DEFAULTS, **run_config}
-    compact = str(run_config["compact"]).lower()
-    if compact not in ("auto", "true", "false"):
-        raise EdfedError(f"compact must be auto, true or false, got {run_config['compact']!r}")
-    if compact == "auto":
-        compact = str(math.isfinite(float(run_config["epsilon"]))).lower()
-    return TrainConfig(compact=compact == "true", **{field: run_config[key] for key, field in _TRAIN_KEYS.items()})
+    architecture = str(run_config["architecture"]).lower()
+    if architecture not in ("auto", *ARCHITECTURES):
+        raise EdfedError(f"architecture must be auto, {', '.join(ARCHITECTURES)}; got {run_config['architecture']!r}")
+    if architecture == "auto":  # the DP model when the run's sites train with DP, else the full model
+        architecture = "glm" if math.isfinite(float(run_config["epsilon"])) else "full"
+    return TrainConfig(architecture=architecture,
+                       **{field: run_config[key] for key, field in _TRAIN_KEYS.items()})
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:

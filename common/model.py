@@ -8,14 +8,24 @@ Only the adapters, tower, fusion and heads train; they are all that ever leaves 
 is split at the first adapted layer: everything below is frozen and deterministic (dropout is off),
 so its output can be computed once per visit and reused across epochs and rounds (`lower`), while
 `upper` runs the adapted layers on it. `--modality` removes a branch without changing any other code.
+
+The DP model (`architecture="glm"`) is the same class with the branches replaced by one linear layer: a logistic
+regression per outcome on fixed features, each block scaled to norm at most 1 in `glm_inputs` (an intercept, the
+structured features, the whole frozen encoder's mean-pooled text, the hashed n-grams). Nothing of it is learned but
+that layer, so one patient's gradient is bounded by `glm_sensitivity` whatever the data (common.train.glm_step).
+
+    notes ─ frozen encoder, all layers ─ mean pool ─ unit norm ─┐
+    structured ─ /4, norm ≤ 1 ──────────────────────────────────┼─ linear ─ 3 logits
+    hashed n-grams ─ norm ≤ 1 ──────────────────────────────────┘
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -28,6 +38,9 @@ from common.features import structured_feature_names
 from common.precision import autocast, resolve_precision
 
 STRUCT_DIM, FUSION_DIM = 64, 128
+# The GLM divides the structured features by this before bounding their norm by 1: their typical norm is ~3 (median
+# 3.1 on the default cohort), so most visits keep their full vector and only outliers are scaled down.
+GLM_STRUCTURED_SCALE = 4.0
 # Keep transformers' per-load progress bars and a deprecation notice it raises itself out of our output.
 hf_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -56,8 +69,11 @@ class OutcomeModel(nn.Module):
         self.config = config
         # The frozen pass's float format is this machine's choice (common.precision), not the run's.
         self.precision = resolve_precision(precision)
-        fusion_in = 0
         self.encoder = None
+        if config.glm:
+            self._build_glm(config, n_struct)
+            return
+        fusion_in = 0
         if config.uses_text:
             base = load_frozen_encoder(config.encoder_dir)
             layers = _transformer_layers(base)
@@ -107,10 +123,50 @@ class OutcomeModel(nn.Module):
             nn.init.zeros_(self.lexical.weight)
             nn.init.zeros_(self.lexical.bias)
 
+    def _build_glm(self, config: TrainConfig, n_struct: int) -> None:
+        """The DP model: the frozen encoder whole (no adapters; every layer is below the "first adapted" one, so
+        all of them are cached), and one linear layer on the bounded blocks, zero at the start."""
+        width = n_struct if config.uses_structured else 0
+        if config.uses_text:
+            self.encoder = load_frozen_encoder(config.encoder_dir)
+            layers = _transformer_layers(self.encoder)
+            self.first_adapted = len(layers) if layers is not None else 0
+            width += self.encoder.config.hidden_size
+        if config.uses_lexical:
+            width += config.lexical_features
+        self.glm = nn.Linear(width, len(OUTCOMES))  # its bias is the intercept block
+        nn.init.zeros_(self.glm.weight)
+        nn.init.zeros_(self.glm.bias)
+
+    @property
+    def glm_blocks(self) -> int:
+        """Feature blocks of norm at most 1 in `glm_inputs`, the intercept included."""
+        c = self.config
+        return 1 + int(c.uses_structured) + int(c.uses_text) + int(c.uses_lexical)
+
+    @property
+    def glm_sensitivity(self) -> float:
+        """The most one unit of total weight 1 moves the summed loss gradient of the GLM (Frobenius norm): each
+        outcome's residual sigmoid - label is in [-1, 1] and the feature vector's norm at most sqrt(blocks)."""
+        return math.sqrt(len(OUTCOMES)) * math.sqrt(self.glm_blocks)
+
+    def glm_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The GLM's features [B, width]: every block scaled to norm <= 1 here, so the bound holds for any input."""
+        parts = []
+        if self.config.uses_structured:
+            parts.append(_norm_at_most_one(batch["struct"] / GLM_STRUCTURED_SCALE))
+        if self.encoder is not None:
+            with torch.no_grad():
+                text = self.encode_text(batch)
+            parts.append(_norm_at_most_one(text / text.norm(dim=1, keepdim=True).clamp(min=1e-12)))
+        if self.config.uses_lexical:
+            parts.append(_norm_at_most_one(batch["lexical"]))
+        return torch.cat(parts, dim=1)
+
     # --- the encoder, in two halves ---------------------------------------------------------
     @property
     def base_encoder(self) -> nn.Module:
-        return self.encoder.get_base_model()
+        return self.encoder.get_base_model() if isinstance(self.encoder, PeftModel) else self.encoder
 
     @property
     def can_split(self) -> bool:
@@ -159,6 +215,8 @@ class OutcomeModel(nn.Module):
         return parts
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.config.glm:
+            return self.glm(self.glm_inputs(batch)), []
         parts = self._branches(batch)
         fused = self.heads(self.fusion(torch.cat(parts, dim=1)))
         lexical = [self.lexical(batch["lexical"])] if self.lexical is not None else []
@@ -204,6 +262,12 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     bce = nn.functional.binary_cross_entropy_with_logits(
         logits, torch.nan_to_num(labels), reduction="none")
     return (bce * known).sum(dim=1)
+
+
+def _norm_at_most_one(x: torch.Tensor) -> torch.Tensor:
+    """Rows of norm > 1 scaled to just under norm 1 (the margin keeps float32 rounding from pushing one above 1)."""
+    norms = x.double().norm(dim=1, keepdim=True)
+    return (x.double() / (norms.clamp(min=1.0) * (1 + 1e-6))).to(x.dtype)
 
 
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,19 @@
-"""The one local training step and evaluation, shared by centralized, federated and DP runs.
+"""The local training steps and evaluation, shared by centralized, federated and DP runs.
 
-`train_epoch` is the step a site runs; DP wraps the same model, optimizer and loader with Opacus
-and FedProx passes a proximal term, but neither gets a loop of its own. Patient-level DP adds one
-line to it: a batch's patient index goes to the optimizer, which clips per patient.
+`train_epoch` is the step the full and compact models run; DP-SGD wraps the same model, optimizer and loader with
+Opacus and FedProx passes a proximal term, but neither gets a loop of its own. Patient-level DP adds one line to it:
+a batch's patient index goes to the optimizer, which clips per patient.
+
+`glm_step` is the DP model's (architecture "glm"): one full-batch gradient step of its logistic regression, with
+Gaussian noise when the site trains with DP. Its features are bounded by construction (common.model.glm_inputs),
+so one patient's gradient is bounded exactly and nothing is clipped.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,7 @@ from torch.utils.data import DataLoader
 from common.config import TrainConfig
 from common.data import VisitDataset
 from common.display import Phases, progress_bar
+from common.errors import EdfedError
 from common.files import atomic_write
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
@@ -95,6 +101,66 @@ def train_epoch(model: OutcomeModel, loader: Iterable[dict], optimizer: torch.op
             "examples_per_second": seen / max(seconds, 1e-9)}
 
 
+@dataclass
+class GLMRows:
+    """A split as the GLM trains on it: its fixed features, labels, and each visit's weight in the loss."""
+
+    features: torch.Tensor  # [n, width], every block of norm <= 1
+    labels: torch.Tensor  # [n, outcomes], NaN where unknown
+    weights: torch.Tensor  # [n]: 1/k for each of a patient's k visits (unit "patient"), or 1 (unit "visit")
+
+    @property
+    def units(self) -> float:
+        return float(self.weights.sum())
+
+
+@torch.no_grad()
+def glm_rows(model: OutcomeModel, dataset: VisitDataset, unit: str = "patient", batch_size: int = 256) -> GLMRows:
+    """The GLM's features of `dataset`, once (they do not change while it trains): its frozen pass is the cache's."""
+    model.eval()
+    features = torch.cat([model.glm_inputs(batch) for batch in make_loader(dataset, batch_size, shuffle=False)])
+    if unit == "patient":
+        if dataset.patient_ids is None:
+            raise EdfedError("patient-level DP: these visits have no patient_id")
+        _, inverse, counts = np.unique(dataset.patient_ids.astype(str), return_inverse=True, return_counts=True)
+        weights = torch.from_numpy(1.0 / counts[inverse]).float()
+    else:
+        weights = torch.ones(len(dataset))
+    return GLMRows(features, dataset.labels, weights)
+
+
+@torch.no_grad()
+def glm_gradient_sum(model: OutcomeModel, rows: GLMRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum over visits of the loss gradient (weight [outcomes, width], bias [outcomes]).
+
+    The loss is `per_example_loss`'s (cross-entropy summed over outcomes, a missing label adds nothing): its
+    gradient in the logits is sigmoid - label, in [-1, 1], so a unit of total weight 1 moves the sum by at most
+    `model.glm_sensitivity`.
+    """
+    logits = rows.features @ model.glm.weight.T + model.glm.bias
+    known = ~torch.isnan(rows.labels)
+    residual = torch.where(known, torch.sigmoid(logits) - torch.nan_to_num(rows.labels), 0.0) * rows.weights[:, None]
+    return residual.T @ rows.features, residual.sum(dim=0)
+
+
+@torch.no_grad()
+def glm_step(model: OutcomeModel, rows: GLMRows, divisor: float, noise_multiplier: float = 0.0,
+             generator: torch.Generator | None = None) -> None:
+    """One full-batch gradient step of the GLM, in place: w -= lr * ((gradient sum + noise) / divisor + l2 * w).
+
+    With DP, the noise is Gaussian with standard deviation noise_multiplier * sensitivity on every coordinate (the
+    Gaussian mechanism at sample rate 1). `divisor`: the number of units, as the site releases it (rounded).
+    """
+    config = model.config
+    weight_sum, bias_sum = glm_gradient_sum(model, rows)
+    if noise_multiplier > 0:
+        scale = noise_multiplier * model.glm_sensitivity
+        weight_sum += scale * torch.randn(weight_sum.shape, generator=generator)
+        bias_sum += scale * torch.randn(bias_sum.shape, generator=generator)
+    model.glm.weight -= config.glm_lr * (weight_sum / divisor + config.glm_l2 * model.glm.weight)
+    model.glm.bias -= config.glm_lr * (bias_sum / divisor + config.glm_l2 * model.glm.bias)
+
+
 @torch.no_grad()
 def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -> np.ndarray:
     """Predicted probability of each outcome: [n_visits, 3]."""
@@ -130,10 +196,18 @@ def fit_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, token
         with phases("frozen-layer caching"):
             cache_frozen_layers(model, train_set, progress=progress)
             cache_frozen_layers(model, val_set, progress=progress)
-        optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        if config.glm:
+            rows = glm_rows(model, train_set)
+        else:
+            optimizer = make_optimizer(model, config.lr, config.weight_decay)
         for epoch in range(0 if initial_state is None else -1, config.epochs):
             stats = {}
-            if epoch >= 0:
+            if epoch >= 0 and config.glm:  # an epoch of the GLM: glm_steps full-batch steps, without noise
+                started = time.perf_counter()
+                for _ in range(config.glm_steps):
+                    glm_step(model, rows, rows.units)
+                stats = {"seconds": time.perf_counter() - started}
+            elif epoch >= 0:
                 loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
                 stats = train_epoch(model, loader, optimizer, progress=progress,
                                     description=f"epoch {epoch + 1}/{config.epochs}")

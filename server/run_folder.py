@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from common.config import RUN_DEFAULTS
@@ -91,7 +92,7 @@ class RunFolder:
         atomic_write(self.checkpoints / f"round-{server_round}.safetensors",
                      lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
         model.load_trainable_state(state)
-        if model.encoder is not None:
+        if isinstance(model.encoder, PeftModel):  # the GLM has no adapter: its encoder is the sites' own, unchanged
             model.encoder.save_pretrained(self.path / "adapter")
         # Everything outside the encoder, frozen parts too (compact's frozen projection and fusion are the seeded
         # ones, but the adapter folder should not depend on torch reproducing that seed).

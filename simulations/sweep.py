@@ -100,7 +100,9 @@ def run_point(args: argparse.Namespace, sweep_dir: Path, epsilon: float, seed: i
         return False
     _restart_clean(folder, sweep_dir)
     point_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "seed": seed, "out": folder,
-                                       "ledger_dir": folder / "ledgers", "local_baselines": False, "resume": None})
+                                       "ledger_dir": folder / "ledgers", "local_baselines": False, "resume": None,
+                                       # each site's deployed model against its local-only one, per budget
+                                       "personalize": True})
     run_simulate(point_args)
     return True
 
@@ -134,6 +136,12 @@ def point_row(folder: Path) -> dict:
     for outcome in OUTCOMES:
         for metric in METRICS:
             row[f"{outcome}_{metric}"] = summary["final"].get(outcome, {}).get(metric, math.nan)
+    gains = summary.get("deployment", {}).get("gain_over_local_only", {})
+    for outcome in OUTCOMES:  # mean over sites of deployed - local-only, each on the site's own test visits
+        gain = gains.get(outcome, {})
+        low, high = gain.get("mean_gain_ci", [math.nan, math.nan])
+        row.update({f"{outcome}_deployed_gain": gain.get("mean_gain", math.nan),
+                    f"{outcome}_deployed_gain_low": low, f"{outcome}_deployed_gain_high": high})
     row.update({
         "epsilon_spent_max": max(spent) if spent else math.nan,
         "attack_auroc": audit.get("auroc", math.nan),
@@ -225,6 +233,11 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
                       _fmt(r["epsilon_spent_max"], math.nan, 1, 2), _fmt(r["attack_auroc"], math.nan, 1),
                       _fmt(r["attack_tpr_at_fpr_1pct"], math.nan, 1), _fmt(r["wall_seconds"], math.nan, 1, 0),
                       f"[{r['folder']}]({r['folder']})"])
+    deployed = [[epsilon_label(r["epsilon"]), str(r["seed"]),
+                 *(f"{r[f'{o}_deployed_gain']:+.3f} ({r[f'{o}_deployed_gain_low']:+.3f}, "
+                   f"{r[f'{o}_deployed_gain_high']:+.3f})" if np.isfinite(r[f"{o}_deployed_gain"]) else "n/a"
+                   for o in OUTCOMES)]
+                for r in (row._asdict() for row in points.itertuples(index=False))]
     lines = [f"# Privacy sweep: {sweep_dir.name}", "",
              f"{settings.get('modality')} model, {settings.get('num-server-rounds')} rounds of "
              f"{settings.get('strategy')}, {settings.get('local-epochs')} local epoch(s), "
@@ -237,7 +250,11 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
              "balanced): AUROC 0.5 = no measurable leakage.", "",
              "![privacy-utility](privacy_utility.png)", "",
              "## Mean ± sd over seeds", "", *markdown_table(["ε (budget)", "seeds", *heads, *figures], by_budget),
-             "## Every point", "", *markdown_table(["ε", "seed", *heads, *figures, "folder"], every)]
+             "## Every point", "", *markdown_table(["ε", "seed", *heads, *figures, "folder"], every),
+             "## Each site's deployed model against its local-only model", "",
+             "Mean over sites of (deployed - local-only) test AUROC, each site on its own test visits, with the "
+             "paired 95% bootstrap interval (client.local_models).", "",
+             *markdown_table(["ε", "seed", *(short.get(o, o) for o in OUTCOMES)], deployed)]
     atomic_write_text(sweep_dir / "results.md", "\n".join(lines))
 
 

@@ -84,11 +84,11 @@ def test_attack_balances_the_sets_and_reads_the_roc_curve():
         membership_attack(np.ones(3), np.ones(30))
 
 
-@pytest.mark.parametrize("compact", [False, True])
-def test_audit_run_finds_the_checkpoint_and_the_peft_adapter(cohort, tmp_path, tiny_encoder, compact):
+@pytest.mark.parametrize("architecture", ["full", "compact", "glm"])
+def test_audit_run_finds_the_checkpoint_and_the_peft_adapter(cohort, tmp_path, tiny_encoder, architecture):
     from server.run_folder import RunFolder
 
-    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, lora_r=4, compact=compact)
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, lora_r=4, architecture=architecture)
     torch.manual_seed(config.seed)
     model = OutcomeModel(config, n_struct=len(structured_feature_names()))
     with torch.no_grad():  # a non-trivial state: B = 0 at init would hide a LoRA loading mistake

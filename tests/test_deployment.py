@@ -233,7 +233,9 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     assert any(r["round"] == 1 and r.get("node") == node_6 for r in summary["rejected_updates"])
     assert set(summary["sites"]) == six and not summary["refused_sites"]
     assert set(summary["per_site"]) == six
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    # The sites train with DP, so the run's model is the DP-GLM (architecture auto): its arrays, no LoRA adapter.
+    assert summary["config"]["train"]["architecture"] == "glm"
+    assert (run_dir / "adapter" / "edfed_heads.safetensors").exists()
     for k in SITES:  # DP at every site, accounted in the site's own ledger across the restart
         ledger = json.loads((root / "hospital" / f"site-{k}.ledger.json").read_text())
         assert ledger["history"] and 0 < summary["privacy"][f"site-{k}"]["epsilon"] <= 8.0 + 1e-6

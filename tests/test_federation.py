@@ -330,7 +330,7 @@ def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):
 def test_other_strategies_run_and_frozen_parts_never_travel(cohort, tmp_path, tiny_encoder, strategy):
     grid = InProcessGrid(_sim_nodes())
     run_config = _run_config(cohort, tmp_path / "run", tiny_encoder, strategy=strategy,
-                             **{"num-server-rounds": 1, "compact": True})
+                             **{"num-server-rounds": 1, "architecture": "compact"})
     summary = run_federation(grid, run_config, pooled=False)
     assert summary["config"]["strategy"] == strategy and not summary["rejected_updates"]
     for reply in (r for r in grid.replies if r.metadata.message_type == "train"):
@@ -434,7 +434,7 @@ def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp
     from common.exchange import frozen_init_fingerprint
     from common.model import build_model
 
-    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, compact=True)
+    config = TrainConfig(model=str(tiny_encoder), lora_layers=1, architecture="compact")
     server_side = frozen_init_fingerprint(build_model(config))
     assert server_side == frozen_init_fingerprint(build_model(config))  # rebuilt from the seed: the same
     assert server_side != frozen_init_fingerprint(build_model(config.replace(seed=1)))
@@ -447,15 +447,15 @@ def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp
                     expected_frozen=frozen_init_fingerprint(build_model(config.replace(seed=1))))
 
 
-def test_compact_auto_follows_the_runs_privacy_setting():
+def test_architecture_auto_follows_the_runs_privacy_setting():
     from common.config import RUN_DEFAULTS, train_config_from
 
-    assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0}).compact
-    assert not train_config_from({**RUN_DEFAULTS, "epsilon": math.inf}).compact
-    assert not train_config_from({**RUN_DEFAULTS, "epsilon": 8.0, "compact": False}).compact
-    assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf, "compact": "true"}).compact
-    with pytest.raises(EdfedError, match="compact must be"):
-        train_config_from({**RUN_DEFAULTS, "compact": "sometimes"})
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0}).glm
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf}).architecture == "full"
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0, "architecture": "compact"}).compact
+    assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf, "architecture": "glm"}).glm
+    with pytest.raises(EdfedError, match="architecture must be"):
+        train_config_from({**RUN_DEFAULTS, "architecture": "sometimes"})
 
 
 def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_global_model(
@@ -472,7 +472,7 @@ def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_g
     from common.train import cache_frozen_layers, fit_model, predict
 
     run_dir = tmp_path / "run"
-    run_config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1, "compact": "true"})
+    run_config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1, "architecture": "compact"})
     config = train_config_from(run_config)
     # A compact global model as a federation's last checkpoint holds it: here, the seeded init moved at random.
     torch.manual_seed(1)
@@ -533,7 +533,7 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
 
     run_dir = tmp_path / "run"
     run_federation(InProcessGrid(_sim_nodes()), _run_config(cohort, run_dir, tiny_encoder,
-                                                            **{"num-server-rounds": 1, "compact": "true"}))
+                                                            **{"num-server-rounds": 1, "architecture": "compact"}))
     handed = tmp_path / "from-coordinator"  # all a site gets: settings and arrays, no other site's data
     handed.mkdir()
     shutil.copy(run_dir / "run.json", handed)
@@ -607,3 +607,38 @@ def test_another_noise_draw_gives_every_simulated_site_other_dp_noise(tmp_path):
 
     assert seed(0, 0) == seed(0, 0) and seed(0, 0) != seed(1, 0)  # replays, and no two sites share noise
     assert seed(0, 1) != seed(0, 0) and seed(1, 1) != seed(1, 0) and seed(0, 1) != seed(1, 1)
+
+
+def test_a_federation_under_dp_sends_only_the_glm_and_a_site_deploys_from_it(cohort, tmp_path, tiny_encoder,
+                                                                              monkeypatch):
+    import shutil
+
+    import client.local_models
+    from client.local_models import CANDIDATES, LOCAL_ONLY_CACHE, deploy_at_site
+    from common.data import load_site_splits
+    from common.train import fit_model
+
+    grid = InProcessGrid(_sim_nodes())
+    run_dir = tmp_path / "run"
+    run_config = _run_config(cohort, run_dir, tiny_encoder, epsilon=8.0, **{"lexical-features": 256,
+                                                                             "glm-steps": 4})
+    summary = run_federation(grid, run_config, pooled=True)
+    assert summary["config"]["train"]["architecture"] == "glm"  # auto: the DP model when the sites use DP
+    for reply in (r for r in grid.replies if r.metadata.message_type == "train"):
+        assert set(reply.content["arrays"].keys()) == {"glm.weight", "glm.bias"}
+    assert np.mean([summary["final"][o]["auroc"] for o in summary["final"]]) > 0.6
+    fitted = []
+
+    def recording_fit(config, *args, **kw):
+        fitted.append(config.architecture)
+        return fit_model(config, *args, **kw)
+
+    monkeypatch.setattr(client.local_models, "fit_model", recording_fit)
+    shutil.rmtree(cohort / LOCAL_ONLY_CACHE, ignore_errors=True)  # what earlier tests kept there
+    rows = load_site_splits("site-2", cohort / "site-2.parquet", 0).table
+    result, _ = deploy_at_site(run_config, run_dir, rows, cohort, tmp_path / "deployed")
+    assert sorted(fitted) == ["full", "glm"]  # local-only: the full model; personalized: the GLM at home
+    assert set(result["choices"].values()) <= set(CANDIDATES)
+    again, _ = deploy_at_site(run_config, run_dir, rows, cohort, tmp_path / "deployed-again")
+    assert sorted(fitted) == ["full", "glm", "glm"]  # the site's local-only model is kept, not retrained
+    assert json.dumps(again["local-only"], sort_keys=True) == json.dumps(result["local-only"], sort_keys=True)

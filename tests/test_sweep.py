@@ -99,6 +99,11 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
     assert reference["mortality_30d_auroc"] == pytest.approx(local["mortality_30d"]["auroc"])  # one seed: its value
     markdown = (out / "results.md").read_text()
     assert "![privacy-utility](privacy_utility.png)" in markdown and "local-only" in markdown
+    # Every budget: each site's deployed model against its local-only one, as the point's deployment measured it.
+    gain = dp["deployment"]["gain_over_local_only"]["safe_discharge"]
+    row = results[results["epsilon"] == 2.0].iloc[0]
+    assert row["safe_discharge_deployed_gain"] == pytest.approx(gain["mean_gain"], nan_ok=True)
+    assert "deployed model against its local-only model" in markdown and f"{gain['mean_gain']:+.3f}" in markdown
     assert f"{dp['final']['mortality_30d']['auroc']:.3f}" in markdown
     assert (out / "privacy_utility.png").stat().st_size > 10_000
 
