@@ -151,7 +151,7 @@ def _cache_key(settings: SiteSettings, config: TrainConfig, precision: str) -> s
     stat = settings.data_path.stat()
     parts = [settings.data_path.resolve(), stat.st_size, stat.st_mtime_ns, config.modality, config.max_tokens,
              config.note_sections, "all" if config.glm else config.lora_layers, precision, config.cache_frozen,
-             config.seed,
+             config.seed, config.architecture, config.lexical_features,
              encoder_fingerprint(config.encoder_dir) if config.uses_text else "-"]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
