@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import math
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -73,9 +74,12 @@ def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
         task = progress.add_task("deployed models", total=cohort["site"].nunique(), status="")
         for site, rows in cohort.groupby("site", sort=False):
             progress.update(task, status=site)
+            started = time.perf_counter()
             results[site], pairs[site] = deploy_at_site(run_config, run_dir, rows, data_dir,
                                                         run_dir / "deployed" / site, start)
             progress.advance(task)
+            if not progress.console.is_terminal:  # a log file gets a line per site, where the bar cannot show
+                progress.console.print(f"deployed model of {site}: {time.perf_counter() - started:.0f} s")
     return summarize_deployment(results, pairs, config.bootstrap, config.seed)
 
 
@@ -227,6 +231,7 @@ def fit_site_models(config: TrainConfig, cohort: pd.DataFrame, data_dir: Path, o
         task = progress.add_task(f"{label} models", total=len(sites), status="")
         for site, rows in sites:
             progress.update(task, status=site)
+            started = time.perf_counter()
             model = local_only_model(config, rows[rows["split"] == "train"], rows[rows["split"] == "val"],
                                      tokenizer, data_dir / LOCAL_ONLY_CACHE)
             site_dir = out_dir / site
@@ -235,4 +240,6 @@ def fit_site_models(config: TrainConfig, cohort: pd.DataFrame, data_dir: Path, o
             save_trainable_state(model, site_dir / "model.safetensors")
             results[site] = final
             progress.advance(task)
+            if not progress.console.is_terminal:
+                progress.console.print(f"{label} model of {site}: {time.perf_counter() - started:.0f} s")
     return results
