@@ -198,8 +198,8 @@ def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set
             continue
         sites[site] = {"node": node, **metrics}
         joined.add(node)
-        log(INFO, "%s (node %s) joins: %d visits, epsilon budget %s", site, node, metrics["rows"],
-            metrics["epsilon-budget"])
+        log(INFO, "%s (node %s) joins: declares %d patients, epsilon budget %s", site, node,
+            metrics["declared-patients"], metrics["epsilon-budget"])
     silent = set(nodes) - joined - {r["node"] for r in refused}
     refused += [{"node": node, "why": "no answer to the check"} for node in silent]
     if len(joined) < min_sites:
