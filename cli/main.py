@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--out", type=Path, default=Path("credentials"))
     ckey = deploy.add_parser("consortium-key", help="consortium: the Ed25519 key that signs edfed releases")
     ckey.add_argument("--out", type=Path, default=Path("credentials"))
+    coord = deploy.add_parser("coordinator-key", help="coordinator: the Ed25519 key that signs every message to "
+                              "the sites (coordinator.key, owner-only; coordinator.pub for the sites)")
+    coord.add_argument("--out", type=Path, required=True)
     secret = deploy.add_parser("superexec-secret",
                                help="a shared secret for --superexec-auth-secret-file (owner-only file)")
     secret.add_argument("file", type=Path)
@@ -166,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--consortium-key", type=Path, action="append", required=True,
                         help="the consortium's consortium.pub (repeat for several keys)")
     runner.add_argument("--min-version", default="0.0.0", help="the oldest release this site runs (default any)")
+    runner.add_argument("--coordinator-key", type=Path, action="append", default=None,
+                        help="the coordinator's coordinator.pub: this site obeys only messages it signed (repeat "
+                             "for several; or node config coordinator-key)")
     runner.add_argument("--out", type=Path, required=True)
     proxy = deploy.add_parser("proxy-config", help="coordinator: nginx config that forwards only the Fleet API")
     proxy.add_argument("--out", type=Path, required=True)
@@ -245,14 +251,23 @@ def _deploy(args: argparse.Namespace) -> None:
 
         written = consortium_key(args.out)
         print(f"consortium key id {public_key_id(written[1])} (sites check it in their trust file)")
+    elif args.action == "coordinator-key":
+        from common.signing import coordinator_key, coordinator_public_key, key_id
+
+        written = coordinator_key(args.out)
+        public = coordinator_public_key(written[1].read_text(), str(written[1]))
+        print(f"coordinator key id {key_id(public)} (each site checks it by phone before it lists coordinator.pub)")
     elif args.action == "superexec-secret":
         written = [superexec_secret(args.file)]
     elif args.action == "site-runner":
+        from client.runner import TOKEN_WARNING, proc_hides_processes
         from common.release import write_site_runner
 
-        written = write_site_runner(args.out, args.consortium_key, args.min_version)
+        written = write_site_runner(args.out, args.consortium_key, args.min_version, args.coordinator_key)
         print(f"wrote {written[0]} and {written[1].parent}/: put that folder first on the PATH of this site's "
               "flower-superexec")
+        if not proc_hides_processes():
+            print(TOKEN_WARNING.replace("this ClientApp's", "each ClientApp's"), file=sys.stderr)
         return
     else:
         from common.proxy import write_proxy_config

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from client.instructions import guard_for
 from client.site import check_site, evaluate_site, settings_from_configs, train_round
 from common.config import TrainConfig
 from common.errors import EdfedError
@@ -42,6 +43,17 @@ def _refuse_cleanly(handler: Callable[[Message, Context], Message]) -> Callable[
     return guarded
 
 
+def _signed(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Run only the coordinator's signed, current, once-only instructions to this node (client.instructions),
+    checked before the handler reads the arrays or the ledger; sign the reply with the site's key."""
+    @functools.wraps(handler)
+    def checked(msg: Message, context: Context) -> Message:
+        guard = guard_for(dict(context.node_config))
+        guard.accept(msg, context.node_id)
+        return guard.sign(handler(msg, context), msg, context.node_id)
+    return checked
+
+
 def _site_and_config(msg: Message, context: Context):
     message_config = dict(msg.content["config"])
     settings = settings_from_configs(dict(context.node_config), message_config)
@@ -54,6 +66,7 @@ def _site_and_config(msg: Message, context: Context):
 
 @app.query("check")
 @_refuse_cleanly
+@_signed
 def check(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     metrics = check_site(settings, config, expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
@@ -63,6 +76,7 @@ def check(msg: Message, context: Context) -> Message:
 
 @app.train()
 @_refuse_cleanly
+@_signed
 def train(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     state, metrics = train_round(
@@ -80,6 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 @_refuse_cleanly
+@_signed
 def evaluate(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
     metrics = evaluate_site(settings, config, msg.content["arrays"].to_torch_state_dict(),

@@ -12,6 +12,12 @@ Relies on Flower 1.42.0 internals (flwr is pinned exactly in pyproject.toml, and
 flwr/supernode/runtime/run_clientapp.py, `run_clientapp` looks up the module-level `pull_task_input` at call
 time (line 151) and only then calls `install_from_fab` (line 155) and loads the app (line 188); this module
 replaces those two names there. `push_message` / `push_task_output` of that module send the refusals.
+
+Flower's SuperExec starts every task process with its one-time task token on the command line (`--token`,
+flwr/supercore/superexec/executor/subprocess_executor.py); no option of its subprocess executor passes it
+otherwise. Any local user who can read /proc/PID/cmdline can then use the token on the SuperNode's loopback
+Runtime API. So at every start the runner checks that /proc hides other users' processes (`hidepid=2`) and warns
+in the site's log when it does not (docs/deployment.md, 4.3, says what such a user can and cannot do).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import os
 import sys
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -36,6 +43,29 @@ def _flower_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = ours.parse_known_args(argv)
     # The site installs edfed's dependencies itself; nothing a FAB asks for is installed at run time.
     return args, [a for a in rest if a != _NO_DEPENDENCY_INSTALL]
+
+
+def proc_hides_processes(mountinfo: str | None = None) -> bool:
+    """Whether /proc is mounted so that a user cannot read other users' /proc/PID/cmdline (hidepid=1 or 2)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return False
+    hidden = False
+    for line in mountinfo.splitlines():  # the last mount on /proc is the one processes see
+        fields = line.split()
+        if len(fields) < 5 or fields[4] != "/proc" or " - proc " not in line:
+            continue
+        options = line.split(" - proc ", 1)[1].split()[-1].split(",")  # the superblock's options
+        hidden = any(o in ("hidepid=1", "hidepid=2", "hidepid=noaccess", "hidepid=invisible") for o in options)
+    return hidden
+
+
+TOKEN_WARNING = ("edfed: /proc on this host is not mounted with hidepid=2, so every local user can read this "
+                 "ClientApp's one-time task token on its command line and use it on the SuperNode's Runtime API (to "
+                 "read this task's input: the global model, the run config and the node config's paths, no data). "
+                 "Run the site under its own user and mount /proc with hidepid=2 (docs/deployment.md, 4.3)")
 
 
 def _install_guard(install_from_fab, verified: set[str]):
@@ -88,6 +118,10 @@ def run_verified_clientapp(trust_path: Path, flower_argv: list[str]) -> None:
 
     runtime.pull_task_input = pull_and_verify
     runtime.install_from_fab = _install_guard(runtime.install_from_fab, verified)
+    # The ClientApp reads the coordinator's public key from the same trust file (client.instructions).
+    os.environ["EDFED_TRUST_FILE"] = str(trust_path.expanduser().resolve())
+    if not proc_hides_processes():
+        log(WARNING, "%s", TOKEN_WARNING)
     if runtime.run_clientapp.__globals__.get("pull_task_input") is not pull_and_verify:
         raise SystemExit("edfed-clientapp: could not place the release check in Flower's ClientApp runtime")
     sys.argv = ["flwr-clientapp", *flower_argv]

@@ -172,8 +172,10 @@ def public_key_id(path: Path) -> str:
     return key_id(_load_public_key(path.read_text(), str(path)))
 
 
-def write_trust(path: Path, keys: list[Path], min_version: str) -> Path:
-    """A site's trust file (TOML): the consortium's public key(s) and the oldest release version it runs."""
+def write_trust(path: Path, keys: list[Path], min_version: str,
+                coordinator_keys: list[Path] | None = None) -> Path:
+    """A site's trust file (TOML): the consortium's public key(s), the oldest release version it runs, and the
+    coordinator's public key(s), whose signature every instruction to the site needs (common.signing)."""
     _version_tuple(min_version, "--min-version")
     lines = []
     for key_file in keys:
@@ -182,9 +184,19 @@ def write_trust(path: Path, keys: list[Path], min_version: str) -> Path:
         lines.append(text)
     if not lines:
         raise EdfedError("give at least one --consortium-key (the consortium's consortium.pub)")
+    from common.signing import coordinator_public_key
+
+    coordinators = []
+    for key_file in coordinator_keys or []:
+        text = key_file.read_text().strip()
+        coordinator_public_key(text, str(key_file))
+        coordinators.append(text)
     body = ("# edfed site trust file: this site runs only edfed releases signed by one of these keys,\n"
             "# and no release older than min-version (raise it to stop an old signed release being replayed).\n"
             f'min-version = "{min_version}"\nkeys = [\n' + "".join(f'    "{line}",\n' for line in lines) + "]\n")
+    if coordinators:
+        body += ("# It obeys only instructions signed by one of these coordinator keys.\ncoordinator-keys = [\n"
+                 + "".join(f'    "{line}",\n' for line in coordinators) + "]\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, body, SHARED_FILE_MODE)  # the SuperExec's user reads it, maybe not its writer
 
@@ -251,7 +263,8 @@ TASK_COMMANDS = ("flwr-clientapp", "flwr-agentapp", "flwr-model", "flwr-connecto
                  "flwr-simulation")
 
 
-def write_site_runner(out: Path, keys: list[Path], min_version: str) -> list[Path]:
+def write_site_runner(out: Path, keys: list[Path], min_version: str,
+                      coordinator_keys: list[Path] | None = None) -> list[Path]:
     """OUT/trust.toml and OUT/bin/<flwr task commands>: shims that start `edfed-clientapp` in its place."""
     runner = Path(sys.executable).parent / "edfed-clientapp"
     if not runner.exists():
@@ -259,7 +272,7 @@ def write_site_runner(out: Path, keys: list[Path], min_version: str) -> list[Pat
     out = out.expanduser().resolve()
     if "'" in str(out) or "'" in str(runner):
         raise EdfedError(f"{out}: choose a folder without a quote (') in its path; it is written into shell scripts")
-    trust = write_trust(out / "trust.toml", keys, min_version)
+    trust = write_trust(out / "trust.toml", keys, min_version, coordinator_keys)
     bin_dir = out / "bin"
     tmp = out / f".bin.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

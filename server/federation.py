@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -27,6 +28,7 @@ from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint
 from common.model import OutcomeModel, build_model
 from server.run_folder import RunFolder
+from server.signed_grid import SignedGrid
 from server.strategy import CheckedAggregation, make_strategy
 from server.summary import build_summary, site_data_seconds
 
@@ -41,6 +43,9 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round:
     `on_round(round, total, aurocs, seconds)` is called after every round (progress display).
     """
     started = time.perf_counter()
+    # The keys are the coordinator's deployment, not the run's settings: read from this call's run config (a
+    # resumed run keeps its settings from run.json, and signs with the keys it is given now).
+    grid = SignedGrid.from_run_config(grid, run_config, deployed=not pooled)
     folder, meta, run_config = RunFolder.open(run_config)
     config = train_config_from(run_config)
     model = build_model(config)
@@ -68,6 +73,7 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round:
         summary["per_site"] = evaluate_at_sites(grid, strategy.releasing, final_state, site_config,
                                                 float(run_config["round-timeout"]), strategy.site_names)
     loop.timings["final_evaluation_seconds"] = time.perf_counter() - scoring
+    summary["forged_replies"] = grid.forged
     summary["timings"] = {**loop.timings, "site_data_seconds": site_data_seconds(strategy.reports)}
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(folder.path, summary)
@@ -183,11 +189,16 @@ def check_sites(grid: Grid, config: ConfigRecord, run_config: dict) -> tuple[set
     messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.check")
                 for node in nodes]
     joined, sites, refused = set(), {}, []
-    for reply in grid.send_and_receive(messages, timeout=float(run_config["round-timeout"])):
-        node = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(messages, timeout=float(run_config["round-timeout"])))
+    addressed = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}  # ids set when pushed
+    for reply in replies:
+        node, by_superlink = reply.metadata.src_node_id, reply.metadata.src_node_id == SUPERLINK_NODE_ID
+        if by_superlink:  # the SuperLink's own error for a node it found offline: name that node, not node 1
+            node = addressed.get(reply.metadata.reply_to_message_id, node)
         if reply.has_error():
-            log(WARNING, "node %s does not join this run: %s", node, reply.error.reason[:500])
-            refused.append({"node": node, "why": reply.error.reason[:500]})
+            why = ("the SuperLink answered for it: " if by_superlink else "") + reply.error.reason[:500]
+            log(WARNING, "node %s does not join this run: %s", node, why)
+            refused.append({"node": node, "why": why})
             continue
         metrics = dict(reply.content["metrics"])
         site = str(dict(reply.content["site"])["site-name"]) if "site" in reply.content else ""

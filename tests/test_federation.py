@@ -36,6 +36,11 @@ def server_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
+# This harness is no SuperLink and signs nothing, so its deployed sites opt out of signed messages explicitly
+# (tests/test_signing.py runs signed federations and the refusals).
+UNSIGNED = {"unsigned-messages": True}
+
+
 class InProcessGrid(Grid):
     def __init__(self, node_configs: dict[int, dict]) -> None:
         self.node_configs = node_configs
@@ -66,8 +71,8 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config={})
+            context = Context(run_id=1, node_id=node, node_config={**UNSIGNED, **self.node_configs[node]},
+                              state=RecordDict(), run_config={})
             replies.append(client_app(msg, context))
         self.replies.extend(replies)
         return replies

@@ -20,7 +20,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from test_federation import InProcessGrid, _run_config
+from test_federation import UNSIGNED, InProcessGrid, _run_config
 
 from client.client_app import _site_and_config
 from client.client_app import app as client_app
@@ -166,7 +166,8 @@ def _message(kind: str, tiny_encoder: Path, state: dict | None = None, **config)
 
 
 def _ask(node_config: dict, msg: Message) -> Message:
-    return client_app(msg, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}))
+    return client_app(msg, Context(run_id=1, node_id=7, node_config={**UNSIGNED, **node_config}, state=RecordDict(),
+                                   run_config={}))
 
 
 def _site(cohort: Path, tmp_path: Path, tiny_encoder: Path, **extra) -> dict:
