@@ -64,9 +64,10 @@ def _flag(node_config: dict, key: str) -> bool:
     return str(node_config.get(key, "false")).strip().lower() in ("true", "1", "yes")
 
 
-def guard_for(node_config: dict) -> Guard:
-    """This site's policy, from its node config (and its site runner's trust file)."""
-    deployed = "data-path" in node_config
+def _configured_keys(node_config: dict) -> tuple[dict[str, ed25519.Ed25519PublicKey],
+                                                  ec.EllipticCurvePrivateKey | None]:
+    """The coordinator's public keys (node config `coordinator-key`, trust file `coordinator-keys`) and the site's
+    own SuperNode key (`site-key`)."""
     texts: list[tuple[str, str]] = []
     if node_config.get("coordinator-key"):
         path = Path(str(node_config["coordinator-key"]))
@@ -80,6 +81,17 @@ def guard_for(node_config: dict) -> Guard:
         texts += [(f"trust file {trust}", line) for line in _trust_file_keys(trust)]
     keys = {key_id(k): k for k in (coordinator_public_key(text, where) for where, text in texts)}
     site_key = load_site_key(Path(str(node_config["site-key"]))) if node_config.get("site-key") else None
+    return keys, site_key
+
+
+def guard_for(node_config: dict) -> Guard:
+    """This site's policy, from its node config (and its site runner's trust file)."""
+    try:
+        keys, site_key = _configured_keys(node_config)
+    except EdfedError as exc:  # the site's log names its files; the coordinator hears no path
+        raise EdfedError(str(exc), offsite="this site refuses every message until its signing settings are fixed "
+                         "(coordinator-key, site-key or trust file; its own log says which)") from None
+    deployed = "data-path" in node_config
     if deployed and not _flag(node_config, "unsigned-messages"):
         if not keys:
             raise EdfedError("this site has no coordinator key, so it cannot tell the coordinator's instructions "
@@ -96,10 +108,9 @@ def guard_for(node_config: dict) -> Guard:
     seen = None
     if deployed and keys:
         data_path = Path(str(node_config["data-path"]))
-        ledger = Path(str(node_config.get("ledger-path",
-                                          data_path.parent / f"{node_config.get('site-name', data_path.stem)}"
-                                                             ".privacy-ledger.json")))
-        seen = ledger.with_name(ledger.name + ".instructions")
+        name = node_config.get("site-name", data_path.stem)
+        ledger = Path(str(node_config.get("ledger-path", data_path.parent / f"{name}.privacy-ledger.json")))
+        seen = ledger.with_name(ledger.name + ".instructions")  # beside the ledger, which it never touches
     return Guard(keys=keys, site_key=site_key, seen_path=seen)
 
 

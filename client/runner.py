@@ -65,7 +65,7 @@ def proc_hides_processes(mountinfo: str | None = None) -> bool:
 TOKEN_WARNING = ("edfed: /proc on this host is not mounted with hidepid=2, so every local user can read this "
                  "ClientApp's one-time task token on its command line and use it on the SuperNode's Runtime API (to "
                  "read this task's input: the global model, the run config and the node config's paths, no data). "
-                 "Run the site under its own user and mount /proc with hidepid=2 (docs/deployment.md, 4.3)")
+                 "Run the site under its own user and mount /proc with hidepid=2 (docs/deployment.md, 4.2 and 4.3)")
 
 
 def _install_guard(install_from_fab, verified: set[str]):

@@ -227,10 +227,14 @@ def evaluate_at_sites(grid: Grid, joined: set[int], state: dict[str, torch.Tenso
     messages = [Message(content, dst_node_id=node, message_type="evaluate")
                 for node in grid.get_node_ids() if node in joined]
     per_site = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    addressed = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+    for reply in replies:
         if reply.has_error():
-            log(WARNING, "node %s could not score the final model: %s", reply.metadata.src_node_id,
-                reply.error.reason[:300])
+            node = reply.metadata.src_node_id
+            if node == SUPERLINK_NODE_ID:  # the SuperLink answers for a node it found offline: name that node
+                node = addressed.get(reply.metadata.reply_to_message_id, node)
+            log(WARNING, "node %s could not score the final model: %s", node, reply.error.reason[:300])
             continue
         metrics = dict(reply.content["metrics"])
         node = reply.metadata.src_node_id

@@ -151,6 +151,12 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     assert edfed(["deploy", "init", "--out", str(creds)]) == 0
     for name in [*(f"ed-site-{k}" for k in SITES), "unregistered"]:
         assert edfed(["deploy", "site-key", name, "--out", str(creds)]) == 0
+    # The coordinator signs every message; each site lists its public key and signs its replies with its own key.
+    signing, site_keys = root / "signing", root / "site-keys"
+    assert edfed(["deploy", "coordinator-key", "--out", str(signing)]) == 0
+    site_keys.mkdir()
+    for k in SITES:
+        (site_keys / f"ed-site-{k}.pub").write_bytes((creds / f"ed-site-{k}.pub").read_bytes())
 
     # Coordinator: the SuperLink with TLS and SuperNode authentication, state kept on disk.
     port = _free_port()
@@ -170,7 +176,8 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     def start_site(k: int) -> None:
         node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
                        f'ledger-path="{root / "hospital" / f"site-{k}.ledger.json"}" '
-                       f'cache-dir="{root / "hospital" / f"cache-{k}"}" model-path="{tiny_encoder}"')
+                       f'cache-dir="{root / "hospital" / f"cache-{k}"}" model-path="{tiny_encoder}" '
+                       f'coordinator-key="{signing / "coordinator.pub"}" site-key="{creds / f"ed-site-{k}.key"}"')
         processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                         str(creds / "ca.crt"), "--auth-supernode-private-key", str(creds / f"ed-site-{k}.key"),
                         "--port", str(_free_port()), "--node-config", node_config)
@@ -193,7 +200,8 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     timings["one site's round 1 alone"], round_timeout = _round_timeout(data / "site-1.parquet", tiny_encoder,
                                                                        root / "calibration", len(SITES))
     run_config = (f'num-server-rounds=3 model="{tiny_encoder}" data-dir="" lr=0.01 round-timeout={round_timeout:.0f} '
-                  f'join-timeout=120 min-sites=3 run-dir="{root / "run"}"')
+                  f'join-timeout=120 min-sites=3 run-dir="{root / "run"}" '
+                  f'coordinator-key="{signing / "coordinator.key"}" site-keys="{site_keys}"')
     run_dir, run_ids = root / "run", []
 
     def start_run(extra: str = "") -> None:
@@ -231,7 +239,7 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     assert set(reports["1"]) == five and set(reports["2"]) == five and set(reports["3"]) == six  # site-6 rejoined
     node_6 = summary["sites"]["site-6"]["node"]
     assert any(r["round"] == 1 and r.get("node") == node_6 for r in summary["rejected_updates"])
-    assert set(summary["sites"]) == six and not summary["refused_sites"]
+    assert set(summary["sites"]) == six and not summary["refused_sites"] and not summary["forged_replies"]
     assert set(summary["per_site"]) == six
     # The sites train with DP, so the run's model is the DP-GLM (architecture auto): its arrays, no LoRA adapter.
     assert summary["config"]["train"]["architecture"] == "glm"

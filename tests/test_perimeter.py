@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import ssl
+import stat
 import subprocess
 import time
 import urllib.error
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from safetensors.torch import load_file
 from test_deployment import BIN, REPO, Processes, _free_port, _wait_for
 
 from cli.main import main as edfed
+from client.runner import proc_hides_processes
 from simulations.cohort import generate_cohort
 
 SITES = range(1, 7)
@@ -44,9 +47,9 @@ class SiteProcesses(Processes):
     """Processes, each with its own environment where given (a hospital's PATH and FLWR_HOME)."""
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "a") as log:
+        with open(self.logs / f"{name}.log", "a") as log:  # umask 077, as the runbook starts every role
             proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env or self.env, cwd=REPO, start_new_session=True)
+                                    env=env or self.env, cwd=REPO, start_new_session=True, umask=0o077)
         self.running[name] = proc
         return proc
 
@@ -119,6 +122,11 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
             assert edfed(["deploy", "site-key", f"ed-site-{k}", "--out", str(root / f"site-{k}")]) == 0
         assert edfed(["deploy", "consortium-key", "--out", str(keys)]) == 0
         assert edfed(["deploy", "consortium-key", "--out", str(rogue)]) == 0
+        signing, site_keys = root / "coordinator" / "signing", root / "coordinator" / "site-keys"
+        assert edfed(["deploy", "coordinator-key", "--out", str(signing)]) == 0
+        site_keys.mkdir(parents=True)
+        for k in SITES:  # the public keys the coordinator registered, for checking the sites' replies
+            (site_keys / f"ed-site-{k}.pub").write_bytes((root / f"site-{k}" / f"ed-site-{k}.pub").read_bytes())
         ca = creds / "ca.crt"
 
         # The consortium's release, and a tampered copy of it (same code, plus a marker in client/__init__.py).
@@ -153,6 +161,7 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
                         str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key"),
                         "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(internal),
                         "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+                        "--database", str(root / "coordinator" / "superlink.db"),
                         "--disable-runtime-dependency-installation")
         _wait_for("the SuperLink", lambda: "Uvicorn running" in processes.log("superlink"), 90)
         processes.start("superexec", "flower-superexec", "--runtime-api-address", f"127.0.0.1:{internal}",
@@ -200,14 +209,15 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         for k in SITES:
             site = root / f"site-{k}"
             assert edfed(["deploy", "site-runner", "--consortium-key", str(keys / "consortium.pub"),
-                          "--min-version", "0.1.0", "--out", str(site / "runner")]) == 0
+                          "--coordinator-key", str(signing / "coordinator.pub"), "--min-version", "0.1.0",
+                          "--out", str(site / "runner")]) == 0
             assert edfed(["deploy", "superexec-secret", str(site / "superexec.secret")]) == 0
             runtime = _free_port()
             env = {**base_env, "FLWR_HOME": str(site / "flwr_home"), "OMP_NUM_THREADS": "1",
                    "EDFED_TEST_WHO": f"site-{k}", "PATH": f"{site / 'runner' / 'bin'}{os.pathsep}{base_env['PATH']}"}
             node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
                            f'ledger-path="{site / "privacy-ledger.json"}" cache-dir="{site / "cache"}" '
-                           f'model-path="{tiny_encoder}"')
+                           f'model-path="{tiny_encoder}" site-key="{site / f"ed-site-{k}.key"}"')
             processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{public}",
                             "--root-certificates", str(ca), "--auth-supernode-private-key",
                             str(site / f"ed-site-{k}.key"), "--isolation", "process", "--superexec-auth-secret-file",
@@ -220,12 +230,13 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
             "online") >= 6, 180, every=3)
 
         # Three runs of the tampered FAB: with the genuine release's token, unsigned, signed by an unknown key.
-        base_config = (f'model="{tiny_encoder}" data-dir="" lr=0.01 min-sites=6 round-timeout=600 '
-                       'join-timeout=300 num-server-rounds=2')
+        base_config = (f'model="{tiny_encoder}" data-dir="" lr=0.01 round-timeout=600 '
+                       f'coordinator-key="{signing / "coordinator.key"}" site-keys="{site_keys}"')
+        genuine_config = f"{base_config} num-server-rounds=2 min-sites=6 join-timeout=300"
         refused = {}
         for case, signature in (("tampered", token), ("unsigned", ""), ("unknown key", rogue_token)):
             out = _ok(operator_env, "flwr", "run", str(tampered), "edfed", "--run-config",
-                      f'{base_config} run-dir="{root / "runs" / case.replace(" ", "-")}" '
+                      f'{genuine_config} run-dir="{root / "runs" / case.replace(" ", "-")}" '
                       f'release-signature="{signature}"')
             refused[case] = re.search(r"Successfully started run (\d+)", out).group(1)
 
@@ -245,7 +256,7 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         started = time.monotonic()
         run_dir = root / "runs" / "genuine"
         out = _ok(operator_env, "flwr", "run", str(genuine), "edfed", "--run-config",
-                  f'{base_config} run-dir="{run_dir}" release-signature="{token}"')
+                  f'{genuine_config} run-dir="{run_dir}" release-signature="{token}"')
         run_id = re.search(r"Successfully started run (\d+)", out).group(1)
         try:
             _wait_for("the genuine run's summary.json", lambda: (run_dir / "summary.json").exists(), 900, every=2)
@@ -257,10 +268,12 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         six = {f"site-{k}" for k in SITES}
         assert summary["num_rounds"] == 2 and set(summary["sites"]) == six and not summary["refused_sites"]
         assert set(summary["site_reports"]["1"]) == six and set(summary["site_reports"]["2"]) == six
-        assert set(summary["per_site"]) == six
+        assert set(summary["per_site"]) == six and summary["forged_replies"] == []  # every message signed
         for k in SITES:
             log = processes.log(f"site-{k}-superexec")
             assert f"run {run_id} is the signed release edfed 0.1.0" in log
+            # (c) The runner checks at every start whether other local users can read its task token.
+            assert ("is not mounted with hidepid=2" in log) != proc_hides_processes()
             installed = [p.name for p in (root / f"site-{k}" / "flwr_home" / "apps").iterdir()]
             assert installed == [f"edfed.edfed.0.1.0.{fab_sha[:8]}"], installed  # only the release was installed
         # The tampered code never ran at a site, nor in the ServerApp. (Flower 1.42's `flwr run DIR` itself
@@ -269,6 +282,58 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         # runbook has the operator run only the unpacked signed release.)
         ran = {p.name.split(".")[0] for p in marker.iterdir()}
         assert ran <= {"operator"}, ran
+        db = root / "coordinator" / "superlink.db"  # node ids and per-round epsilon: the operator's only
+        assert [f.name for f in db.parent.glob("superlink.db*") if stat.S_IMODE(f.stat().st_mode) != 0o600] == []
+
+        # Issue 27: site-1 attacks site-2 with its own registered key, through the public port only (a separate
+        # process, tests/fleet_attacker.py). Node ids are in summary.json; the instruction id in SuperNode logs.
+        started = time.monotonic()
+        node_of = {name: info["node"] for name, info in summary["sites"].items()}
+        attack = [str(BIN / "python"), str(REPO / "tests" / "fleet_attacker.py"), "--superlink", f"127.0.0.1:{public}",
+                  "--ca", str(ca), "--key", str(root / "site-1" / "ed-site-1.key"), "--node", str(node_of["site-1"]),
+                  "--model", str(tiny_encoder)]
+        attacker_env = {**base_env, "EDFED_TEST_WHO": "attacker"}
+
+        # (a) A train instruction to site-2 during a running signed run (one that waits for a seventh site).
+        ledger_2 = root / "site-2" / "privacy-ledger.json"
+        spent = ledger_2.read_bytes()
+        out = _ok(operator_env, "flwr", "run", str(genuine), "edfed", "--run-config",
+                  f'{base_config} num-server-rounds=1 num-sites=7 min-sites=6 join-timeout=900 '
+                  f'run-dir="{root / "runs" / "waiting"}" '
+                  f'release-signature="{token}"')
+        waiting = re.search(r"Successfully started run (\d+)", out).group(1)
+        seen = len(processes.log("site-2-superexec"))
+        injected = subprocess.run([*attack, "--run", waiting, "inject", "--to", str(node_of["site-2"])],
+                                  env=attacker_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert injected.returncode == 0 and "pushed" in injected.stdout, injected.stdout + injected.stderr
+        _wait_for("site-2 refusing the injected instruction", lambda: "carries no signature by the coordinator" in
+                  processes.log("site-2-superexec")[seen:], 300, every=2)
+        assert ledger_2.read_bytes() == spent  # refused before any epsilon was spent (or the ledger read)
+        _ok(operator_env, "flwr", "stop", waiting, "edfed")
+
+        # (b) A reply in site-2's name to its train instruction, pushed before site-2's own: dropped and reported.
+        attacked = root / "runs" / "attacked"
+        seen, instruction_id = len(processes.log("site-2")), root / "attacked-instruction-id"
+        out = _ok(operator_env, "flwr", "run", str(genuine), "edfed", "--run-config",
+                  f'{base_config} num-server-rounds=1 min-sites=5 join-timeout=300 run-dir="{attacked}" '
+                  f'release-signature="{token}"')
+        attacked_run = re.search(r"Successfully started run (\d+)", out).group(1)
+        forger = subprocess.Popen([*attack, "--run", attacked_run, "forge", "--as-node", str(node_of["site-2"]),
+                                   "--message-id-file", str(instruction_id)], env=attacker_env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found = _wait_for("site-2's train instruction", lambda: re.search(
+            r"Receiving: train message \(ID: (\w+)\)", processes.log("site-2")[seen:]), 600, every=0.2)
+        instruction_id.write_text(found.group(1))
+        forged_out, _ = forger.communicate(timeout=300)
+        assert forger.returncode == 0 and "pushed" in forged_out, forged_out
+        _wait_for("the attacked run's summary.json", lambda: (attacked / "summary.json").exists(), 900, every=2)
+        attacked_summary = json.loads((attacked / "summary.json").read_text())
+        assert [(f["node"], f["site-key"], f["message_type"]) for f in attacked_summary["forged_replies"]] == [
+            (node_of["site-2"], "ed-site-2", "train")]
+        assert set(attacked_summary["site_reports"]["1"]) == six - {"site-2"}  # not aggregated
+        global_1 = load_file(attacked / "checkpoints" / "round-1.safetensors")
+        assert max(float(v.abs().max()) for v in global_1.values()) < 100  # nothing of the forged 1e3 arrays
+        timings["issue 27: injected instruction and forged reply"] = time.monotonic() - started
         print("perimeter timings (s):", {k: round(v, 1) for k, v in timings.items()})
     finally:
         _stop_everything(processes)

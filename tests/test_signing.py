@@ -262,3 +262,23 @@ def test_the_site_runner_lists_the_coordinator_key_and_checks_that_proc_hides_th
     assert proc_hides_processes(mounts.format(",hidepid=2"))
     assert proc_hides_processes(mounts.format(",hidepid=invisible"))
     assert not proc_hides_processes(mounts.format("")) and not proc_hides_processes("")
+
+
+def test_a_refusal_the_superlink_makes_for_an_offline_node_names_that_node_not_node_1(keys, tmp_path):
+    from flwr.app import Error
+
+    from server.federation import check_sites
+
+    class OfflineGrid(AnsweringGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+                reply = Message(Error(code=0, reason="node went offline"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers in the node's place
+                replies.append(reply)
+            return replies
+
+    settings = {"num-sites": 1, "min-sites": 0, "join-timeout": 0, "round-timeout": 1}
+    _, _, refused = check_sites(OfflineGrid({42: {}}, {}), ConfigRecord({}), settings)
+    assert refused == [{"node": 42, "why": "the SuperLink answered for it: node went offline"}]
