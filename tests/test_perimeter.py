@@ -217,7 +217,8 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
                    "EDFED_TEST_WHO": f"site-{k}", "PATH": f"{site / 'runner' / 'bin'}{os.pathsep}{base_env['PATH']}"}
             node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
                            f'ledger-path="{site / "privacy-ledger.json"}" cache-dir="{site / "cache"}" '
-                           f'model-path="{tiny_encoder}" site-key="{site / f"ed-site-{k}.key"}"')
+                           f'model-path="{tiny_encoder}" site-key="{site / f"ed-site-{k}.key"}" '
+                           'max-epsilon-per-run=4.0')  # budget left for the attacked run below
             processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{public}",
                             "--root-certificates", str(ca), "--auth-supernode-private-key",
                             str(site / f"ed-site-{k}.key"), "--isolation", "process", "--superexec-auth-secret-file",
@@ -331,6 +332,8 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
         assert [(f["node"], f["site-key"], f["message_type"]) for f in attacked_summary["forged_replies"]] == [
             (node_of["site-2"], "ed-site-2", "train")]
         assert set(attacked_summary["site_reports"]["1"]) == six - {"site-2"}  # not aggregated
+        # The other five trained and were averaged (only site-2 is missing), so the round did aggregate.
+        assert [r.get("node") for r in attacked_summary["rejected_updates"]] == [node_of["site-2"]]
         global_1 = load_file(attacked / "checkpoints" / "round-1.safetensors")
         assert max(float(v.abs().max()) for v in global_1.values()) < 100  # nothing of the forged 1e3 arrays
         timings["issue 27: injected instruction and forged reply"] = time.monotonic() - started
