@@ -26,9 +26,10 @@ from common.model import build_model
 from common.privacy import PrivacyLedger
 imported = time.perf_counter()
 data, encoder, scratch = sys.argv[1:4]
+PrivacyLedger.init(f"{scratch}/ledger.json")
 settings = site.settings_from_configs({"data-path": data, "epsilon": 8.0, "delta": 1e-5, "site-name": "bench",
                                        "ledger-path": f"{scratch}/ledger.json", "cache-dir": f"{scratch}/cache",
-                                       "model-path": encoder}, {})
+                                       "model-path": encoder, "declared-patients": 1000}, {})
 config = train_config_from({**RUN_DEFAULTS, "model": encoder})
 phases = {"imports": imported - started}
 t = time.perf_counter(); site.check_site(settings, config); phases["data check"] = time.perf_counter() - t
@@ -36,8 +37,7 @@ t = time.perf_counter(); model = build_model(config); phases["model build"] = ti
 t = time.perf_counter(); train = site.site_dataset(settings, config, model, "train")
 phases["read, tokenize, cache frozen layers"] = time.perf_counter() - t
 t = time.perf_counter()
-PrivacyLedger(settings.ledger_path).plan_noise("bench-plan", 8.0, 1e-5, config.batch_size / len(train), 4 * max(
-    1, len(train) // config.batch_size))
+PrivacyLedger(settings.ledger_path).plan_noise("bench-plan", 8.0, 1e-5, 1.0, 4 * config.glm_steps)
 phases["noise plan"] = time.perf_counter() - t
 t = time.perf_counter()
 site.train_round(settings, config, model.trainable_state(), run_id="bench", server_round=1, num_rounds=4,

@@ -55,6 +55,7 @@ def main() -> None:
     parts: dict[str, list[dict[str, np.ndarray]]] = {"train": [], "test": []}
     for name, path in site_files(args.data).items():
         settings = SiteSettings(name=name, data_path=path, epsilon=float("inf"), delta=1e-5,
+                                declared_patients=100, create_ledger=True,
                                 ledger_path=args.cache / f"{name}-unused-ledger.json", cache_dir=args.cache)
         for split in parts:
             parts[split].append(features(model, site_dataset(settings, config, model, split)))

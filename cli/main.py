@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--mapping", type=Path, default=None,
                        help="file mapping the site's column names to the contract's")
 
+    ledger_help = ("a deployed site's privacy ledger: every DP round it trained, and so its spent budget; a site "
+                   "refuses to train without one, and never starts a fresh one by itself")
+    ledger = sub.add_parser("ledger", help=ledger_help, description=ledger_help).add_subparsers(dest="action",
+                                                                                               required=True)
+    linit = ledger.add_parser("init", help="create an empty ledger (a new budget: once per site, on purpose)")
+    linit.add_argument("path", type=Path, help="the ledger file the site's node config names as ledger-path")
+    lshow = ledger.add_parser("show", help="what a ledger has recorded and the epsilon spent")
+    lshow.add_argument("path", type=Path)
+    lshow.add_argument("--delta", type=float, default=D["delta"], help="the site's delta (default %(default)g)")
+
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
     _add_training_flags(central)
@@ -213,6 +223,18 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         ensure_cohort(args.data)
         run_central(args)
+    elif args.command == "ledger":
+        from common.privacy import PrivacyLedger
+
+        if args.action == "init":
+            made = PrivacyLedger.init(args.path)
+            print(f"created privacy ledger {args.path} (id {made.id[:8]}..., owner-only); name it as this site's "
+                  "ledger-path. It only ever accumulates: keep it, back it up, never delete it.")
+        else:
+            shown = PrivacyLedger.open(args.path)
+            runs = sorted({str(h["run"]) for h in shown.history})
+            print(f"{args.path}: {len(shown.history)} DP rounds over {len(runs)} runs, epsilon spent "
+                  f"{shown.spent(args.delta):.4f} at delta {args.delta:g}; {sum(shown.queries.values())} evaluations")
     elif args.command == "deploy":
         _deploy(args)
     elif args.command == "release":

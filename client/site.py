@@ -1,14 +1,21 @@
 """Everything that runs inside a hospital: its settings, its data, one training round, its evaluation.
 
 A site operator can audit this file: the table is read and validated here, the frozen encoder
-layers are cached here (on the site's own disk), DP training (the GLM's full-batch DP steps, or DP-SGD) runs
-here under the site's own budget, and
-what it returns is `trainable_state()` arrays plus the scalar metrics built below — nothing else.
+layers are cached here (on the site's own disk, never in a run folder), DP training (the GLM's full-batch DP
+steps, or DP-SGD) runs here under the site's own budget, and what it returns is `trainable_state()` arrays plus
+the scalar metrics built below — nothing else.
+
+What the coordinator sends is checked against public bounds before anything is read or spent
+(`check_global_state`, `check_settings`): within them, training cannot overflow, so the site's behaviour and the
+finiteness of what it releases never depend on its data. Every size that shapes a DP update is the site's declared
+size (`declared-patients`, public), never a count of its rows.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import secrets
 import time
@@ -21,14 +28,20 @@ import torch
 from flwr.common.logger import log
 
 from common.config import TrainConfig
-from common.data import SiteSplits, VisitDataset, load_site_splits
+from common.data import SPLIT_SHARES, SiteSplits, VisitDataset, load_site_splits
 from common.errors import EdfedError
-from common.exchange import REFUSED_BUDGET, REFUSED_REPEAT, encoder_fingerprint, frozen_init_fingerprint
+from common.exchange import (
+    REFUSED_BUDGET,
+    REFUSED_RATE,
+    REFUSED_REPEAT,
+    encoder_fingerprint,
+    frozen_init_fingerprint,
+)
 from common.features import load_tokenizer
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
-from common.privacy import PrivacyLedger, make_private
+from common.privacy import DAY_SECONDS, GaussianNoise, PrivacyLedger, make_private, secure_gaussian, seeded_gaussian
 from common.train import cache_frozen_layers, glm_rows, glm_step, make_loader, make_optimizer, predict, train_epoch
 
 
@@ -41,20 +54,35 @@ class SiteSettings:
     epsilon: float  # the site's total budget; inf turns DP off
     delta: float
     ledger_path: Path
-    cache_dir: Path | None = None
+    # About how many patients the site's table holds, declared by the site (public): the GLM's step divides by
+    # its training share, DP-SGD's batches are sized from it, and it is the site's weight in the average. Never
+    # recomputed from the rows, so one patient more or less changes nothing but the DP-covered sums.
+    declared_patients: int = 0
+    cache_dir: Path | None = None  # the site's own folder for note-derived caches (owner-only); None = none
     mapping: Path | None = None
     model_path: str = ""  # the site's copy of the encoder; "" = the packaged default
-    # DP-SGD's randomness (Poisson sampling and noise) must be the site's own secret: whoever can replay it can
-    # strip the noise, and noise shared by sites would not average out. None (deployment default): fresh OS
-    # entropy every round. A site may set its own `dp-seed` to replay its runs; simulation uses the site's name.
+    # The DP randomness (sampling and noise) must be the site's own secret: whoever can replay it can strip the
+    # noise, and noise shared by sites would not average out. None (deployment default): noise from the OS's
+    # CSPRNG every round. A site may set its own `dp-seed` to replay its runs (seeded with its ledger's random id,
+    # so a new ledger never replays old noise); simulation seeds with the site's name, run seed and noise draw.
     dp_seed: str | None = None
     privacy_unit: str = "patient"  # or "visit" (common.privacy says what each protects)
     max_epsilon_per_run: float = math.inf  # what one run may spend of `epsilon` (inf: all of it)
+    # What the site spends in any 24 hours, whoever starts the runs (inf: no rate cap).
+    max_epsilon_per_day: float = math.inf
+    # Simulation only: the harness starts every run's ledgers; a deployed site's must exist (`edfed ledger init`).
+    create_ledger: bool = False
+
+    @property
+    def new_ledger_id(self) -> str | None:
+        """The id a missing ledger is created with (simulation: derived from its seed, so it replays), or None."""
+        if not self.create_ledger:
+            return None
+        return hashlib.sha256(f"simulated:{self.dp_seed}".encode()).hexdigest()[:32]
     # The release policy: what the site shares beyond DP-protected arrays (docs/deployment.md lists each field).
     release_metrics: bool = False  # answer `evaluate` with AUROCs (val/test splits only)
     release_timing: bool = False  # seconds a round took (depends on how many visits were sampled)
     max_queries_per_run: int | None = 10  # evaluations answered per run; None: no cap (simulation)
-    size_rounding: int = 10  # split sizes leave rounded to this
     # The float format of the frozen encoder pass on this machine (common.precision): "" = auto-detected.
     precision: str = ""
 
@@ -100,21 +128,26 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         name = str(node_config.get("site-name", data_path.stem))
-        ledger = Path(str(node_config.get("ledger-path", data_path.parent / f"{name}.privacy-ledger.json")))
+        epsilon, delta = _budget(node_config)
+        if "ledger-path" not in node_config:
+            raise EdfedError("this site's node config has no `ledger-path`: a deployed site names its privacy ledger "
+                             "explicitly (a default derived from its name or data file would start a fresh budget "
+                             "when either moves); create it once with `edfed ledger init PATH` and set "
+                             "ledger-path=\"PATH\"; refusing to join")
         cache = node_config.get("cache-dir")
         mapping = node_config.get("mapping")
-        epsilon, delta = _budget(node_config)
-        cap = float(node_config.get("max-epsilon-per-run", epsilon))
-        queries = int(node_config.get("max-queries-per-run", 10))
         return SiteSettings(
             name=name, data_path=data_path, epsilon=epsilon, delta=delta,
-            ledger_path=ledger, cache_dir=Path(str(cache)) if cache else None,
+            ledger_path=Path(str(node_config["ledger-path"])), declared_patients=_declared(node_config),
+            cache_dir=Path(str(cache)) if cache else data_path.parent / SITE_CACHE,
             mapping=Path(str(mapping)) if mapping else None, model_path=str(node_config.get("model-path", "")),
             dp_seed=str(node_config["dp-seed"]) if "dp-seed" in node_config else None,
-            privacy_unit=str(node_config.get("privacy-unit", "patient")), max_epsilon_per_run=cap,
+            privacy_unit=str(node_config.get("privacy-unit", "patient")),
+            max_epsilon_per_run=_positive(node_config, "max-epsilon-per-run", epsilon),
+            max_epsilon_per_day=_positive(node_config, "max-epsilon-per-day", math.inf),
             release_metrics=_flag(node_config, "release-metrics", False),
-            release_timing=_flag(node_config, "release-timing", False), max_queries_per_run=queries,
-            size_rounding=max(1, int(node_config.get("size-rounding", 10))),
+            release_timing=_flag(node_config, "release-timing", False),
+            max_queries_per_run=int(node_config.get("max-queries-per-run", 10)),
             precision=str(node_config.get("precision", "")))
     if "partition-id" not in node_config or "data-dir" not in message_config:
         raise EdfedError("this node has no `data-path` in its node config; start it with "
@@ -126,19 +159,67 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
     candidates = [data_dir / f"{name}.parquet", data_dir / f"{name}.csv"]
     data_path = next((p for p in candidates if p.exists()), candidates[0])
     ledger_dir = Path(str(message_config.get("ledger-dir") or run_dir / "ledgers"))
+    train_config = json.loads(str(message_config.get("train-config", "{}")))
+    draw = int(message_config.get("noise-draw", 0))
     return SiteSettings(name=name, data_path=data_path, epsilon=float(message_config.get("site-epsilon", math.inf)),
                         delta=float(message_config.get("site-delta", 1e-5)), ledger_path=ledger_dir / f"{name}.json",
-                        cache_dir=run_dir / "cache", model_path=str(message_config.get("model", "")),
-                        # Simulated sites replay exactly; another `noise-draw` gives each of them other noise.
-                        dp_seed=name + (f"#draw{draw}" if (draw := int(message_config.get("noise-draw", 0))) else ""),
-                        privacy_unit=str(message_config.get("site-privacy-unit", "patient")),
-                        release_metrics=True, release_timing=True, max_queries_per_run=None, size_rounding=1)
+                        declared_patients=simulated_declaration(data_path),
+                        cache_dir=data_path.parent / SITE_CACHE, model_path=str(message_config.get("model", "")),
+                        # Simulated sites replay exactly; each run seed and each `noise-draw` draws other noise.
+                        dp_seed=f"{name}#seed{train_config.get('seed', 0)}" + (f"#draw{draw}" if draw else ""),
+                        privacy_unit=str(message_config.get("site-privacy-unit", "patient")), create_ledger=True,
+                        release_metrics=True, release_timing=True, max_queries_per_run=None)
 
 
-def _rounded(settings: SiteSettings, n: int) -> int:
-    """A count as it leaves the site: rounded to `size-rounding` (never to 0 when there is something)."""
-    step = settings.size_rounding
-    return 0 if n <= 0 else max(step, step * round(n / step))
+SITE_CACHE = ".edfed-cache"  # in the site's data folder: the encoder's states of its notes, owner-only
+
+
+def _positive(node_config: dict, key: str, default: float) -> float:
+    try:
+        value = float(node_config.get(key, default))
+    except (TypeError, ValueError):
+        raise EdfedError(f"node config `{key}` must be a number, got {node_config[key]!r}") from None
+    if not value > 0:
+        raise EdfedError(f"node config `{key}` must be positive, got {value}")
+    return value
+
+
+def _declared(node_config: dict) -> int:
+    """The site's declared number of patients (node config `declared-patients`); required: it sizes DP updates."""
+    if "declared-patients" not in node_config:
+        raise EdfedError("this site's node config has no `declared-patients`: a deployed site declares about how "
+                         "many patients its table holds (public: it sets the step size of its DP updates and its "
+                         "weight in the average, and is never recounted from the rows); e.g. declared-patients=1200; "
+                         "refusing to join")
+    try:
+        value = int(node_config["declared-patients"])
+    except (TypeError, ValueError):
+        raise EdfedError(f"node config `declared-patients` must be a whole number, got "
+                         f"{node_config['declared-patients']!r}") from None
+    if value < 1:
+        raise EdfedError(f"node config `declared-patients` must be at least 1, got {value}")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _patients_in(path: str, size: int, mtime_ns: int) -> int:
+    import pandas as pd
+
+    reader = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
+    return int(reader(path, columns=["patient_id"])["patient_id"].nunique())
+
+
+def simulated_declaration(data_path: Path) -> int:
+    """What a simulated site declares: its table's patients, rounded to 10 (a deployed site's operator sets it)."""
+    if not data_path.exists():
+        return 1  # the check that follows names the missing file
+    stat = data_path.stat()
+    return max(10, 10 * round(_patients_in(str(data_path), stat.st_size, stat.st_mtime_ns) / 10))
+
+
+def declared_train_units(settings: SiteSettings) -> int:
+    """The site's declared training units: its declared patients' training share (the split is by patient)."""
+    return max(1, round(SPLIT_SHARES["train"] * settings.declared_patients))
 
 
 # Datasets with their frozen-layer output, kept in this process across rounds (simulation reuses
@@ -168,7 +249,7 @@ def site_dataset(settings: SiteSettings, config: TrainConfig, model: OutcomeMode
     if key not in _SITE_SPLITS:
         _SITE_SPLITS[key] = load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping)
     dataset = VisitDataset(_SITE_SPLITS[key].part(split), load_tokenizer(config), config)
-    disk = settings.cache_dir / f"{settings.name}-{key}-{split}.pt" if settings.cache_dir else None
+    disk = settings.cache_dir / f"{settings.name}-{key}-{split}.pt" if settings.cache_dir else None  # site-owned
     if disk is not None and disk.exists():
         saved = torch.load(disk)
         dataset.frozen_hidden = list(torch.split(saved["flat"], saved["lengths"]))
@@ -190,12 +271,46 @@ def check_encoder(config: TrainConfig, expected_fingerprint: str) -> None:
                              f"server expects ({expected_fingerprint}); refusing to train")
 
 
+# Public bounds on what the coordinator sends, checked before anything is read or spent. Within them a round
+# cannot overflow float32 (weights stay far below its range over any number of steps allowed), so whether a site
+# trains, and whether what it releases is finite, never depends on its data.
+MAX_GLOBAL_ABS = 1e4  # any global array's entries; trained models stay within a few units
+SETTING_BOUNDS = {  # TrainConfig field -> (lowest, highest) the site trains with
+    "glm_lr": (1e-6, 100.0), "glm_l2": (0.0, 1.0), "glm_steps": (1, 1000), "lr": (0.0, 1.0), "dp_lr": (0.0, 1.0),
+    "weight_decay": (0.0, 1.0), "epochs": (1, 100),
+}
+MESSAGE_BOUNDS = {"local-epochs": (1, 100), "max-grad-norm": (1e-6, 1e3), "proximal-mu": (0.0, 100.0)}
+
+
 def check_global_state(global_state: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN/Inf arrays from the server before any budget is spent on them."""
-    bad = sorted(name for name, value in global_state.items() if not torch.isfinite(value).all())
+    """Refuse arrays from the server with NaN, Inf or entries beyond MAX_GLOBAL_ABS before any budget is spent."""
+    def within(value: torch.Tensor) -> bool:
+        return value.numel() == 0 or bool(torch.isfinite(value).all() and value.abs().max() <= MAX_GLOBAL_ABS)
+
+    bad = sorted(name for name, value in global_state.items() if not within(value))
     if bad:
-        raise EdfedError(f"the server sent NaN or Inf in {len(bad)} global array(s) ({', '.join(bad[:3])}); "
-                         "refusing to train or evaluate on them")
+        raise EdfedError(f"the server sent NaN, Inf or entries beyond +-{MAX_GLOBAL_ABS:g} in {len(bad)} global "
+                         f"array(s) ({', '.join(bad[:3])}); refusing to train or evaluate on them")
+
+
+def check_settings(config: TrainConfig, message_config: dict) -> None:
+    """Refuse training settings outside the site's public bounds (SETTING_BOUNDS, MESSAGE_BOUNDS) before any
+    budget is spent: the coordinator chooses them, and a step size of 1e38 overflows whatever the data."""
+    problems = []
+    for name, (low, high) in SETTING_BOUNDS.items():
+        value = getattr(config, name)
+        if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+            problems.append(f"{name}={value!r} (allowed {low:g} to {high:g})")
+    for key, (low, high) in MESSAGE_BOUNDS.items():
+        if key in message_config:
+            value = float(message_config[key])
+            if not (math.isfinite(value) and low <= value <= high):
+                problems.append(f"{key}={value!r} (allowed {low:g} to {high:g})")
+    if config.glm and config.glm_lr * config.glm_l2 > 1:
+        problems.append(f"glm_lr * glm_l2 = {config.glm_lr * config.glm_l2:g} (at most 1: decay must not overshoot)")
+    if problems:
+        raise EdfedError(f"the server's training settings are outside this site's bounds: {'; '.join(problems)}; "
+                         "refusing to train")
 
 
 def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint: str = "") -> dict[str, float]:
@@ -206,30 +321,35 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
     what is spent, and the release policy the coordinator needs to know (whether it may ask for metrics).
     """
     check_encoder(config, expected_fingerprint)
-    table = load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping).table
-    counts = table["split"].value_counts()
-    metrics = {"rows": _rounded(settings, len(table)), "epsilon-budget": settings.epsilon,
+    load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping)  # the contract, or refuse
+    # No count of the table's rows leaves: only the site's declared size (public, its operator's).
+    metrics = {"declared-patients": settings.declared_patients, "epsilon-budget": settings.epsilon,
                "patient-level": float(settings.privacy_unit == "patient"),
-               "releases-metrics": float(settings.release_metrics),
-               **{f"{split}-rows": _rounded(settings, int(counts.get(split, 0))) for split in ("train", "val", "test")}}
-    if math.isfinite(settings.epsilon):
-        ledger = PrivacyLedger.open(settings.ledger_path)
+               "releases-metrics": float(settings.release_metrics)}
+    if math.isfinite(settings.epsilon) or settings.release_metrics:
+        ledger = PrivacyLedger.open(settings.ledger_path, create=settings.new_ledger_id)
         ledger.check_unit(settings.privacy_unit)
         metrics["epsilon-spent"] = ledger.spent(settings.delta)
     return metrics
 
 
-def dp_rng_seed(settings: SiteSettings, trainings: int) -> int:
-    """The seed of one round's DP sampling and noise: secret to the site, never the same at two sites.
+def dp_rng_seed(settings: SiteSettings, ledger: PrivacyLedger) -> int:
+    """The seed of one round's DP sampling (and, for a seeded site, its noise): secret to the site, never the same
+    at two sites, two ledgers or two rounds.
 
     Nothing the server sends enters it (it could otherwise make a site replay its noise on other gradients,
-    which then cancels in the difference). With a `dp_seed`, the key is the site's secret and `trainings`,
-    the number of rounds its ledger has recorded (read under the ledger's lock), so no two rounds share it.
+    which then cancels in the difference). With a `dp_seed`, the key is the site's secret, its ledger's random id
+    and the number of rounds that ledger has recorded (read under its lock).
     """
     if settings.dp_seed is None:
         return secrets.randbits(62)
-    key = f"{settings.dp_seed}:{trainings}"
+    key = f"{settings.dp_seed}:{ledger.id}:{len(ledger.history)}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 2
+
+
+def noise_source(settings: SiteSettings, seed: int) -> GaussianNoise:
+    """The site's Gaussian noise: the OS's CSPRNG (deployed default), or replayable from its secret seed."""
+    return secure_gaussian if settings.dp_seed is None else seeded_gaussian(seed + 1)
 
 
 def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor], *,
@@ -238,11 +358,15 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
                 expected_fingerprint: str = "", expected_frozen: str = "") -> tuple[dict | None, dict]:
     """One round at the site: (new trainable state or None if the round is refused, scalar metrics).
 
-    With DP, everything from reading the ledger to recording the round's spend holds the ledger's lock.
+    With DP, everything from reading the ledger to recording the round's spend holds the ledger's lock, and the
+    spend is on disk before the arrays are returned.
     """
     round_started = time.perf_counter()
     check_encoder(config, expected_fingerprint)
     check_global_state(global_state)
+    check_settings(config, {"local-epochs": local_epochs, "max-grad-norm": max_grad_norm, "proximal-mu": proximal_mu})
+    if settings.declared_patients < 1:
+        raise EdfedError("this site has no declared size (declared-patients); refusing to train")
     model = build_model(config, global_state, settings.precision or None)
     if expected_frozen and frozen_init_fingerprint(model) != expected_frozen:
         raise EdfedError("this site's seeded frozen matrices (LoRA A; with compact also the text projection and "
@@ -250,76 +374,83 @@ def train_round(settings: SiteSettings, config: TrainConfig, global_state: dict[
     data_started = time.perf_counter()
     data = site_dataset(settings, config, model, "train")
     data_seconds = time.perf_counter() - data_started  # read, check, tokenize, frozen-layer cache (first round)
+    units = declared_train_units(settings)
     # The machine's float format is no patient data; data-seconds is timing, released only with release-timing.
-    metrics: dict[str, float] = {"refused": 0, "delta": settings.delta, "bf16": float(model.precision == "bf16")}
+    # num-examples, the site's weight in the average, is its declared size, not a count of its rows.
+    metrics: dict[str, float] = {"refused": 0, "delta": settings.delta, "bf16": float(model.precision == "bf16"),
+                                 "num-examples": units}
     if settings.release_timing:
         metrics["data-seconds"] = data_seconds
     if not math.isfinite(settings.epsilon):
         if config.glm:
-            state, trained = _train_glm(settings, model, data, 0.0, None, round_started)
-            return state, {**metrics, **trained, "num-examples": _rounded(settings, len(data)), "epsilon": math.inf,
-                           "steps": config.glm_steps}
+            state, trained = _train_glm(settings, model, data, units, 0.0, None, round_started)
+            return state, {**metrics, **trained, "epsilon": math.inf, "steps": config.glm_steps}
         # Without DP the shuffle is a public, reproducible function of the run.
         loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + server_round)
         optimizer = make_optimizer(model, config.lr, config.weight_decay)
         state, trained = _train(settings, model, loader, optimizer, local_epochs, proximal_mu, global_state,
                                 round_started)
-        return state, {**metrics, **trained, "num-examples": _rounded(settings, len(data)), "epsilon": math.inf,
-                       "steps": local_epochs * len(loader)}
-    with PrivacyLedger.locked(settings.ledger_path) as ledger:
+        return state, {**metrics, **trained, "epsilon": math.inf, "steps": local_epochs * len(loader)}
+    with PrivacyLedger.locked(settings.ledger_path, create=settings.new_ledger_id) as ledger:
         ledger.check_unit(settings.privacy_unit)
         metrics.update({"epsilon-budget": settings.epsilon, "patient-level": float(settings.privacy_unit == "patient")})
         if ledger.trained(run_id, server_round):  # a replayed round would spend twice on the same question
             log(WARNING, "edfed: round %d of run %s was already trained here; refusing it", server_round, run_id)
             return None, {**metrics, "refused": REFUSED_REPEAT, "epsilon": ledger.spent(settings.delta), "steps": 0,
                           "num-examples": 0}
-        seed = dp_rng_seed(settings, len(ledger.history))
+        seed = dp_rng_seed(settings, ledger)
         if config.glm:  # full-batch steps: every unit is in every step, exactly known sensitivity, no clipping
             sample_rate, steps = 1.0, config.glm_steps
-        else:
-            loader = make_loader(data, config.batch_size, shuffle=True, seed=seed)
-            sample_rate = 1 / len(loader)  # patient-level: each patient's chance to be in a batch
-            steps = local_epochs * len(loader)
+        else:  # Poisson-sampled batches of about batch-size units, sized from the declared size alone
+            per_epoch = max(1, math.ceil(units / config.batch_size))
+            sample_rate, steps = 1 / per_epoch, local_epochs * per_epoch
+        day_ago = time.time() - DAY_SECONDS
+        run_cap = min(settings.max_epsilon_per_run, settings.max_epsilon_per_day)
         noise = ledger.plan_noise(run_id, settings.epsilon, settings.delta, sample_rate, num_rounds * steps,
-                                  run_cap=settings.max_epsilon_per_run)
-        after, run_after = math.inf, math.inf
+                                  run_cap=run_cap)
+        after = run_after = day_after = math.inf
         if math.isfinite(noise):
             after = ledger.projected(noise, sample_rate, steps, settings.delta)
             run_after = ledger.projected(noise, sample_rate, steps, settings.delta, run_id=run_id)
+            day_after = ledger.projected(noise, sample_rate, steps, settings.delta, since=day_ago)
         metrics.update({"noise-multiplier": noise, "sample-rate": sample_rate})
-        if after > settings.epsilon * (1 + 1e-6) or run_after > settings.max_epsilon_per_run * (1 + 1e-6):
+        refusal = (REFUSED_BUDGET if after > settings.epsilon * (1 + 1e-6)
+                   or run_after > settings.max_epsilon_per_run * (1 + 1e-6)
+                   else REFUSED_RATE if day_after > settings.max_epsilon_per_day * (1 + 1e-6) else 0)
+        if refusal:
             ledger.save()  # keep the plan, spend nothing
-            return None, {**metrics, "refused": REFUSED_BUDGET, "epsilon": ledger.spent(settings.delta),
+            return None, {**metrics, "refused": refusal, "epsilon": ledger.spent(settings.delta),
                           "epsilon-projected": after, "steps": 0, "num-examples": 0}
+        noise_draw = noise_source(settings, seed)
         if config.glm:
-            generator = torch.Generator().manual_seed(seed)
-            state, trained = _train_glm(settings, model, data, noise, generator, round_started)
-            taken = steps
+            state, trained = _train_glm(settings, model, data, units, noise, noise_draw, round_started)
         else:
             optimizer = make_optimizer(model, config.dp_lr, config.weight_decay)
-            optimizer, loader, accountant = make_private(model, optimizer, loader, noise, max_grad_norm, seed=seed + 1,
-                                                         clipping=dp_clipping, unit=settings.privacy_unit)
+            optimizer, loader = make_private(
+                model, optimizer, data, noise_multiplier=noise, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
+                steps=steps // local_epochs, expected_units=units * sample_rate, noise=noise_draw,
+                sampling_seed=seed, clipping=dp_clipping, unit=settings.privacy_unit)
             state, trained = _train(settings, model, loader, optimizer, local_epochs, proximal_mu, global_state,
                                     round_started)
-            taken = sum(h[2] for h in accountant.history)
-        ledger.record(noise, sample_rate, taken, unit=settings.privacy_unit, run_id=run_id, server_round=server_round)
+        if not all(torch.isfinite(value).all() for value in state.values()):
+            # Unreachable within the bounds checked above; should it happen, nothing leaves (and nothing is spent).
+            raise EdfedError("this round's update is not finite; refusing to send it")
+        ledger.record(noise, sample_rate, steps, unit=settings.privacy_unit, run_id=run_id, server_round=server_round)
         ledger.save()
-    return state, {**metrics, **trained, "num-examples": _rounded(settings, len(data)),
-                   "epsilon": ledger.spent(settings.delta), "steps": taken}
+    return state, {**metrics, **trained, "epsilon": ledger.spent(settings.delta), "steps": steps}
 
 
-def _train_glm(settings: SiteSettings, model: OutcomeModel, data: VisitDataset, noise: float,
-               generator: torch.Generator | None, round_started: float) -> tuple[dict, dict[str, float]]:
+def _train_glm(settings: SiteSettings, model: OutcomeModel, data: VisitDataset, divisor: int, noise: float,
+               noise_draw: GaussianNoise | None, round_started: float) -> tuple[dict, dict[str, float]]:
     """The GLM's `glm_steps` full-batch steps; every step sees every unit, so each is one Gaussian mechanism.
 
-    The step divides by the train units rounded to `size-rounding`: the one count it uses that DP does not cover,
-    declared in docs/deployment.md (a coordinator can read it off the update's scale).
+    The step divides by `divisor`, the site's declared training units: a public constant, so one patient more or
+    less moves the update only through the noised gradient sum.
     """
     started = time.perf_counter()
     rows = glm_rows(model, data, settings.privacy_unit)
-    divisor = _rounded(settings, round(rows.units))
     for _ in range(model.config.glm_steps):
-        glm_step(model, rows, divisor, noise, generator)
+        glm_step(model, rows, divisor, noise, noise_draw)
     metrics = {}
     if settings.release_timing:
         metrics.update({"train-seconds": time.perf_counter() - started,
@@ -365,7 +496,7 @@ def evaluate_site(settings: SiteSettings, config: TrainConfig, global_state: dic
                          "on training visits would leave outside its privacy budget")
     check_global_state(global_state)
     if settings.max_queries_per_run is not None:
-        with PrivacyLedger.locked(settings.ledger_path) as ledger:
+        with PrivacyLedger.locked(settings.ledger_path, create=settings.new_ledger_id) as ledger:
             answered = ledger.queries.get(run_id, 0)
             if answered >= settings.max_queries_per_run:
                 raise EdfedError(f"this site answers at most {settings.max_queries_per_run} evaluations per run "
@@ -374,8 +505,10 @@ def evaluate_site(settings: SiteSettings, config: TrainConfig, global_state: dic
             ledger.save()
     model = build_model(config, global_state, settings.precision or None)
     data = site_dataset(settings, config, model, split)
-    result = evaluate(data.labels.numpy(), predict(model, data), bootstrap=0)
-    metrics = {"num-examples": _rounded(settings, len(data))}
+    # A prediction the global model made NaN scores as 0.5 (no crash that says which visits are there).
+    result = evaluate(data.labels.numpy(), np.nan_to_num(predict(model, data), nan=0.5), bootstrap=0)
+    # The split's size, as its declared share: the released AUROCs are the policy's, the count is not a row count.
+    metrics = {"num-examples": max(1, round(SPLIT_SHARES[split] * settings.declared_patients))}
     for outcome, m in result.items():
         metrics[f"{outcome}-auroc"] = float(m["auroc"]) if np.isfinite(m["auroc"]) else math.nan
     defined = [v for k, v in metrics.items() if k.endswith("-auroc") and math.isfinite(v)]

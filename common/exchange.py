@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack")
-# A site's `refused` metric when it sends no update: why it did not train the round.
-REFUSED_BUDGET, REFUSED_REPEAT = 1, 2
+# A site's `refused` metric when it sends no update: why it did not train the round (its budget or the run's cap,
+# a round it already trained, its cap on what it spends in 24 hours).
+REFUSED_BUDGET, REFUSED_REPEAT, REFUSED_RATE = 1, 2, 3
 _FINGERPRINTS: dict[tuple, str] = {}
 
 

@@ -2,7 +2,7 @@
 
 A ledger or a frozen-layer cache (the encoder's states of patient notes) is patient data, and a
 checkpoint is what a site's budget paid for; none of them is for other users of the machine. Every
-write goes to a unique temporary file in the same folder and is then renamed over the target, so a
+write goes to a unique temporary file in the same folder, is fsynced, and is then renamed over the target, so a
 reader (or a crash) never sees half a file, and two writers never share a temporary name. Elsewhere, a
 rename only moves what was made whole beside it: a generated cohort folder, a site runner's bin/, a set of
 credentials, the FAB `flwr build` wrote.
@@ -44,7 +44,14 @@ def atomic_write(path: Path, write: Callable[[Path], None], mode: int = FILE_MOD
     try:
         write(tmp)
         os.chmod(tmp, mode)
+        with tmp.open("rb") as handle:  # on disk before it replaces the old file (a ledger's spend survives a crash)
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # ... and so is the rename
+        finally:
+            os.close(directory)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -29,6 +29,7 @@ from common.errors import EdfedError
 from common.files import atomic_write
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
+from common.privacy import GaussianNoise
 
 LEXICAL_LR_SCALE = 10.0
 
@@ -138,25 +139,31 @@ def glm_gradient_sum(model: OutcomeModel, rows: GLMRows) -> tuple[torch.Tensor, 
     `model.glm_sensitivity`.
     """
     logits = rows.features @ model.glm.weight.T + model.glm.bias
+    # A logit the global model made NaN counts as 0: each residual stays in [-1, 1] whatever the weights, so the
+    # bound holds for any global model and no NaN, which no noise hides, can reach the sum.
+    probability = torch.sigmoid(torch.nan_to_num(logits, nan=0.0))
     known = ~torch.isnan(rows.labels)
-    residual = torch.where(known, torch.sigmoid(logits) - torch.nan_to_num(rows.labels), 0.0) * rows.weights[:, None]
+    residual = torch.where(known, probability - torch.nan_to_num(rows.labels), 0.0) * rows.weights[:, None]
     return residual.T @ rows.features, residual.sum(dim=0)
 
 
 @torch.no_grad()
 def glm_step(model: OutcomeModel, rows: GLMRows, divisor: float, noise_multiplier: float = 0.0,
-             generator: torch.Generator | None = None) -> None:
+             noise: GaussianNoise | None = None) -> None:
     """One full-batch gradient step of the GLM, in place: w -= lr * ((gradient sum + noise) / divisor + l2 * w).
 
     With DP, the noise is Gaussian with standard deviation noise_multiplier * sensitivity on every coordinate (the
-    Gaussian mechanism at sample rate 1). `divisor`: the number of units, as the site releases it (rounded).
+    Gaussian mechanism at sample rate 1), drawn by `noise` (the site's own source). `divisor`: with DP, a public
+    constant of the site's (its declared size), never a count of its rows.
     """
     config = model.config
     weight_sum, bias_sum = glm_gradient_sum(model, rows)
     if noise_multiplier > 0:
+        if noise is None:
+            raise EdfedError("a DP step needs the site's noise source")
         scale = noise_multiplier * model.glm_sensitivity
-        weight_sum += scale * torch.randn(weight_sum.shape, generator=generator)
-        bias_sum += scale * torch.randn(bias_sum.shape, generator=generator)
+        weight_sum += noise(tuple(weight_sum.shape), scale)
+        bias_sum += noise(tuple(bias_sum.shape), scale)
     model.glm.weight -= config.glm_lr * (weight_sum / divisor + config.glm_l2 * model.glm.weight)
     model.glm.bias -= config.glm_lr * (bias_sum / divisor + config.glm_l2 * model.glm.bias)
 

@@ -6,8 +6,8 @@
     RUN_DIR/adapter/                         the latest global model as a plain PEFT adapter plus edfed's heads
     RUN_DIR/summary.json                     written at the end (server.summary)
 
-In simulation the sites keep their ledgers/ and cache/ here too (client.site). Everything in it is owner-only:
-the arrays are what the sites' budgets paid for.
+In simulation the sites keep their ledgers/ here too; their note-derived caches stay in their own data folders
+(client.site), never here. Everything in it is owner-only: the arrays are what the sites' budgets paid for.
 """
 
 from __future__ import annotations

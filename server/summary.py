@@ -29,6 +29,10 @@ def build_summary(run_config: dict, meta: dict, run_dir: Path, model: OutcomeMod
                          "noise_multiplier": m.get("noise-multiplier", 0.0), "sample_rate": m.get("sample-rate"),
                          "steps": int(sum(r.get(site, {}).get("steps", 0) for r in reports.values())),
                          "unit": {1.0: "patient", 0.0: "visit"}.get(m.get("patient-level"), "none"),
+                         # The site's ledger composes full-batch steps exactly (one Gaussian mechanism), and
+                         # subsampled ones by PLD (common.privacy.epsilon_of).
+                         "accountant": ("exact Gaussian" if m.get("sample-rate") == 1.0 else "PLD")
+                         if "noise-multiplier" in m else "none",
                          "budget": m.get("epsilon-budget", math.inf), "refused_rounds": int(sum(
                              bool(r.get(site, {}).get("refused", 0)) for r in reports.values()))}
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

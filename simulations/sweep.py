@@ -4,11 +4,10 @@ next to each budget the leakage a membership-inference attack actually measures 
     SWEEP_DIR/sweep.json             the settings every point shares (a rerun with other settings is refused)
     SWEEP_DIR/eps-<e>/seed-<s>/      one `edfed simulate` run folder, its own ledgers/ and audit.json
     SWEEP_DIR/local-only/seed-<s>/   each site's model trained on its data alone (no DP), scored pooled
-    SWEEP_DIR/cache/                 frozen-layer cache shared by every point (it depends on the data, encoder
-                                     and seed, never on epsilon), linked as each point's cache/
     SWEEP_DIR/results.csv, results.md, privacy_utility.png, summary.json
 
-Each point is an independent consortium: a fresh budget (its own ledger folder) and its own run id. A seed
+Each point is an independent consortium: a fresh budget (its own ledger folder) and its own run id. The sites'
+frozen-layer caches live in their own data folders (client.site), shared by every point. A seed
 sets everything random in a point: initialisation, shuffling, DP noise and the patient-level split, so the
 spread over seeds includes which patients land in the test split (all budgets of a seed share one split).
 Rerunning the same command resumes: a point with summary.json is kept, a point without one is restarted
@@ -20,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from datetime import datetime
@@ -65,21 +63,11 @@ def point_dir(sweep_dir: Path, epsilon: float, seed: int) -> Path:
     return sweep_dir / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}"
 
 
-def _restart_clean(folder: Path, sweep_dir: Path) -> None:
-    """Empty a half-finished point (all but its cache link) and link it to the sweep's frozen-layer cache."""
+def _restart_clean(folder: Path) -> None:
+    """Empty a half-finished point."""
     if folder.exists():
-        for child in folder.iterdir():
-            if child.name == "cache":
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "cache").mkdir(exist_ok=True)
-    link = folder / "cache"
-    if not link.exists():
-        link.symlink_to(os.path.relpath(sweep_dir / "cache", folder), target_is_directory=True)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
 
 
 def run_point(args: argparse.Namespace, sweep_dir: Path, epsilon: float, seed: int) -> bool:
@@ -98,7 +86,7 @@ def run_point(args: argparse.Namespace, sweep_dir: Path, epsilon: float, seed: i
     folder = point_dir(sweep_dir, epsilon, seed)
     if (folder / "summary.json").exists():
         return False
-    _restart_clean(folder, sweep_dir)
+    _restart_clean(folder)
     point_args = argparse.Namespace(**{**vars(args), "epsilon": epsilon, "seed": seed, "out": folder,
                                        "ledger_dir": folder / "ledgers", "local_baselines": False, "resume": None,
                                        # each site's deployed model against its local-only one, per budget

@@ -116,11 +116,13 @@ import client.client_app  # noqa: F401  (what flwr-clientapp imports before it h
 from client.site import check_site, settings_from_configs, train_round
 from common.model import build_model
 from common.config import RUN_DEFAULTS, train_config_from
+from common.privacy import PrivacyLedger
 
 data, encoder, scratch = sys.argv[1:4]
+PrivacyLedger.init(Path(scratch) / "ledger.json")
 settings = settings_from_configs({"data-path": data, "epsilon": 8.0, "delta": 1e-5, "site-name": "calibration",
                                   "ledger-path": f"{scratch}/ledger.json", "cache-dir": f"{scratch}/cache",
-                                  "model-path": encoder}, {})
+                                  "model-path": encoder, "declared-patients": 50}, {})
 config = train_config_from({**RUN_DEFAULTS, "model": encoder, "lr": 0.01})
 check_site(settings, config)
 train_round(settings, config, build_model(config).trainable_state(), run_id="calibration", server_round=1,
@@ -174,8 +176,11 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
         _flwr(env, "supernode", "register", str(creds / f"ed-site-{k}.pub"), "edfed", "--name", f"ed-site-{k}")
 
     def start_site(k: int) -> None:
+        ledger = root / "hospital" / f"site-{k}.ledger.json"
+        if not ledger.exists():  # once per site: a restarted site keeps its ledger
+            assert edfed(["ledger", "init", str(ledger)]) == 0
         node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
-                       f'ledger-path="{root / "hospital" / f"site-{k}.ledger.json"}" '
+                       f'declared-patients=50 ledger-path="{ledger}" '
                        f'cache-dir="{root / "hospital" / f"cache-{k}"}" model-path="{tiny_encoder}" '
                        f'coordinator-key="{signing / "coordinator.pub"}" site-key="{creds / f"ed-site-{k}.key"}"')
         processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",

@@ -92,6 +92,7 @@ def test_steps_without_noise_lower_the_loss(cohort, tiny_encoder):
 def test_a_dp_site_takes_full_batch_gaussian_steps_within_its_budget(cohort, tmp_path, tiny_encoder):
     config = _config(tiny_encoder, glm_steps=3)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=4.0, delta=1e-5,
+                            declared_patients=100, create_ledger=True,
                             ledger_path=tmp_path / "ledger.json", dp_seed="mine")
     start = build_model(config).trainable_state()
     states = []

@@ -215,7 +215,9 @@ def test_only_signed_releases_run_and_only_the_coordinator_starts_them(tmp_path,
             runtime = _free_port()
             env = {**base_env, "FLWR_HOME": str(site / "flwr_home"), "OMP_NUM_THREADS": "1",
                    "EDFED_TEST_WHO": f"site-{k}", "PATH": f"{site / 'runner' / 'bin'}{os.pathsep}{base_env['PATH']}"}
+            assert edfed(["ledger", "init", str(site / "privacy-ledger.json")]) == 0
             node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 release-metrics=true '
+                           f'declared-patients=50 '
                            f'ledger-path="{site / "privacy-ledger.json"}" cache-dir="{site / "cache"}" '
                            f'model-path="{tiny_encoder}" site-key="{site / f"ed-site-{k}.key"}" '
                            'max-epsilon-per-run=4.0')  # budget left for the attacked run below

@@ -35,8 +35,8 @@ from client.site import (
 from common.config import TrainConfig
 from common.data import VisitDataset
 from common.errors import EdfedError
-from common.privacy import PrivacyLedger, make_private
-from common.train import make_loader, make_optimizer
+from common.privacy import PrivacyLedger, make_private, seeded_gaussian
+from common.train import make_optimizer
 from server.federation import run_federation
 from simulations.cohort import generate_cohort
 
@@ -71,8 +71,11 @@ def _with_a_three_visit_patient(cohort: Path, config: TrainConfig) -> VisitDatas
 def _dp(config: TrainConfig, data: VisitDataset, clipping: str, unit: str):
     model = build_model(config)
     model.fusion[2].p = 0.0  # no dropout: a visit's gradient is the same in every batch
-    optimizer, loader, _ = make_private(model, make_optimizer(model, 0.0, 0.0), make_loader(data, 8, True),
-                                        noise_multiplier=0.0, max_grad_norm=C, seed=0, clipping=clipping, unit=unit)
+    steps = math.ceil(len(data) / 8)
+    optimizer, loader = make_private(model, make_optimizer(model, 0.0, 0.0), data, noise_multiplier=0.0,
+                                     max_grad_norm=C, sample_rate=1 / steps, steps=steps,
+                                     expected_units=len(set(data.patient_ids)) / steps, noise=seeded_gaussian(0),
+                                     sampling_seed=0, clipping=clipping, unit=unit)
     return model, optimizer, loader
 
 
@@ -125,9 +128,10 @@ def test_a_patients_three_visits_move_the_clipped_sum_by_at_most_C(cohort, tiny_
     without = _clipped_sum(model, optimizer, [wrapped[i] for i in others], wrapped.collate)
     assert (with_three - without).norm() <= C * (1 + 1e-4)
     # Visit-level DP, the same visits: each is clipped alone, so the patient moves the sum by about 3 C.
-    model, optimizer, _ = _dp(config, data, clipping, "visit")
-    with_three = _clipped_sum(model, optimizer, [data[i] for i in [*others, *three]], data.collate)
-    without = _clipped_sum(model, optimizer, [data[i] for i in others], data.collate)
+    model, optimizer, loader = _dp(config, data, clipping, "visit")
+    wrapped = loader.dataset
+    with_three = _clipped_sum(model, optimizer, [wrapped[i] for i in [*others, *three]], wrapped.collate)
+    without = _clipped_sum(model, optimizer, [wrapped[i] for i in others], wrapped.collate)
     assert (with_three - without).norm() > 2 * C
 
 
@@ -136,6 +140,7 @@ def test_patient_level_epsilon_matches_google_dp_accounting(cohort, tmp_path, ti
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=4.0, delta=1e-5,
+                            declared_patients=100, create_ledger=True,
                             ledger_path=tmp_path / "ledger.json")
     state, metrics = train_round(settings, config, build_model(config).trainable_state(), run_id="r",
                                  server_round=1, num_rounds=2, local_epochs=1)
@@ -144,10 +149,13 @@ def test_patient_level_epsilon_matches_google_dp_accounting(cohort, tmp_path, ti
     assert entry["unit"] == "patient" and entry["run"] == "r" and entry["round"] == 1
     q, noise, steps = entry["sample-rate"], entry["noise"], entry["steps"]
     assert steps == round(1 / q)  # one epoch: each patient's chance per step is 1 / steps
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise)), steps))
-    assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise)), steps)
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    rdp = dp_accounting.rdp.RdpAccountant()
+    # The ledger's epsilon is PLD's (tight), below the RDP bound on the same steps.
+    assert metrics["epsilon"] == pytest.approx(pld.compose(event).get_epsilon(1e-5), rel=0.01)
+    assert metrics["epsilon"] < rdp.compose(event).get_epsilon(1e-5)
     assert metrics["epsilon"] < 4.0  # half of the planned run
 
 
@@ -171,11 +179,13 @@ def _ask(node_config: dict, msg: Message) -> Message:
 
 
 def _site(cohort: Path, tmp_path: Path, tiny_encoder: Path, **extra) -> dict:
-    return {"data-path": str(cohort / "site-1.parquet"), "epsilon": 8.0, "delta": 1e-5,
+    if not (tmp_path / "ledger.json").exists():
+        PrivacyLedger.init(tmp_path / "ledger.json")
+    return {"data-path": str(cohort / "site-1.parquet"), "epsilon": 8.0, "delta": 1e-5, "declared-patients": 100,
             "ledger-path": str(tmp_path / "ledger.json"), "model-path": str(tiny_encoder), **extra}
 
 
-def test_a_train_reply_holds_dp_arrays_rounded_sizes_and_dp_parameters_only(cohort, tmp_path, tiny_encoder):
+def test_a_train_reply_holds_dp_arrays_the_declared_size_and_dp_parameters_only(cohort, tmp_path, tiny_encoder):
     start = build_model(TrainConfig(model=str(tiny_encoder), lora_layers=1), None).trainable_state()
     reply = _ask(_site(cohort, tmp_path, tiny_encoder), _message("train", tiny_encoder, start))
     assert not reply.has_error()
@@ -184,7 +194,7 @@ def test_a_train_reply_holds_dp_arrays_rounded_sizes_and_dp_parameters_only(coho
     # site machine's float format, no patient data.
     assert set(metrics) == {"refused", "delta", "epsilon-budget", "patient-level", "noise-multiplier", "sample-rate",
                             "adapters-changed", "num-examples", "epsilon", "steps", "bf16"}
-    assert metrics["num-examples"] % 10 == 0 and metrics["num-examples"] > 0
+    assert metrics["num-examples"] == 70  # the declared size's training share, not a count of its rows
 
 
 def test_evaluate_answers_only_an_opted_in_site_on_val_or_test_up_to_its_cap(cohort, tmp_path, tiny_encoder):
@@ -211,14 +221,15 @@ def test_a_deployed_site_without_its_own_budget_refuses_to_join(cohort, tmp_path
             settings_from_configs(node_config, server_says)
     reply = _ask(base, _message("query.check", tiny_encoder, **server_says))
     assert reply.has_error() and "refusing to join" in reply.error.reason
-    assert settings_from_configs({**base, "epsilon": 4.0, "delta": 1e-6}, server_says).epsilon == 4.0
+    named = {**base, "ledger-path": str(tmp_path / "ledger.json"), "declared-patients": 100}
+    assert settings_from_configs({**named, "epsilon": 4.0, "delta": 1e-6}, server_says).epsilon == 4.0
 
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logging.getLogger("flwr").addHandler(handler)
     try:  # `inf` is an explicit opt-out, and the site's log says so
-        assert math.isinf(settings_from_configs({**base, "epsilon": "inf", "delta": 1e-5}, server_says).epsilon)
+        assert math.isinf(settings_from_configs({**named, "epsilon": "inf", "delta": 1e-5}, server_says).epsilon)
     finally:
         logging.getLogger("flwr").removeHandler(handler)
     assert any("DP is OFF" in line for line in seen)
@@ -242,6 +253,7 @@ def test_the_encoder_is_the_sites_own_never_a_path_the_server_sends(cohort, tmp_
 def test_max_epsilon_per_run_bounds_what_one_run_spends(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
+                            declared_patients=100, create_ledger=True,
                             ledger_path=tmp_path / "ledger.json", max_epsilon_per_run=1.0)
     start = build_model(config).trainable_state()
     _, first = train_round(settings, config, start, run_id="a", server_round=1, num_rounds=1, local_epochs=1)
@@ -256,6 +268,7 @@ def test_max_epsilon_per_run_bounds_what_one_run_spends(cohort, tmp_path, tiny_e
 
 def _dp_site(cohort: Path, ledger: Path, dp_seed: str | None = None) -> SiteSettings:
     return SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
+                        declared_patients=100, create_ledger=True,
                         ledger_path=ledger, dp_seed=dp_seed)
 
 
@@ -324,7 +337,8 @@ def test_contract_errors_reach_the_coordinator_without_identifiers_or_values(coh
     assert "VSECRET4242" in str(local.value) and "777.25" in str(local.value) and "zorglub" in str(local.value)
 
     nodes = {200 + k: {"data-path": str(data / f"site-{k}.parquet"), "epsilon": math.inf, "delta": 1e-5,
-                       "ledger-path": str(tmp_path / f"site-{k}.json"), "model-path": str(tiny_encoder)}
+                       "ledger-path": str(tmp_path / f"site-{k}.json"), "model-path": str(tiny_encoder),
+                       "declared-patients": 100}
              for k in range(1, 4)}
     server_log: list[str] = []
     handler = logging.Handler()
@@ -353,7 +367,8 @@ def test_contract_errors_reach_the_coordinator_without_identifiers_or_values(coh
 def test_sites_are_known_by_their_unique_name_and_a_duplicate_is_refused(cohort, tmp_path, tiny_encoder):
     names = {201: "north", 202: "south", 203: "north"}  # no digits; and one name twice
     nodes = {node: {"data-path": str(cohort / f"site-{node - 200}.parquet"), "site-name": name, "epsilon": math.inf,
-                    "delta": 1e-5, "ledger-path": str(tmp_path / f"{node}.json"), "model-path": str(tiny_encoder)}
+                    "delta": 1e-5, "ledger-path": str(tmp_path / f"{node}.json"), "model-path": str(tiny_encoder),
+                    "declared-patients": 100}
              for node, name in names.items()}
     summary = run_federation(InProcessGrid(nodes), _run_config(cohort, tmp_path / "run", tiny_encoder, **{
         "num-server-rounds": 1, "num-sites": 3}), pooled=False)
@@ -367,6 +382,7 @@ def test_an_undefined_auroc_is_reported_as_undefined(cohort, tmp_path, tiny_enco
     table.to_parquet(tmp_path / "site-1.parquet")
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=tmp_path / "site-1.parquet", epsilon=math.inf, delta=1e-5,
+                            declared_patients=100, create_ledger=True,
                             ledger_path=tmp_path / "ledger.json", release_metrics=True, max_queries_per_run=None)
     metrics = evaluate_site(settings, config, build_model(config).trainable_state(), split="test")
     assert math.isnan(metrics["readmission_30d-auroc"]) and math.isfinite(metrics["mortality_30d-auroc"])
@@ -378,7 +394,7 @@ def test_nan_global_arrays_are_refused_before_any_budget_is_spent(cohort, tmp_pa
     state = build_model(config).trainable_state()
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))
-    with pytest.raises(EdfedError, match="NaN or Inf"):
+    with pytest.raises(EdfedError, match="NaN, Inf"):
         train_round(_dp_site(cohort, tmp_path / "ledger.json"), config, state, run_id="r", server_round=1,
                     num_rounds=1, local_epochs=1)
     assert not (tmp_path / "ledger.json").exists()
@@ -394,6 +410,7 @@ def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_p
     try:
         config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
         settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
+                                declared_patients=100, create_ledger=True,
                                 ledger_path=tmp_path / "hospital" / "ledger.json", cache_dir=tmp_path / "cache",
                                 model_path=str(tiny_encoder))
         model = build_model(config)
