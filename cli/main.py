@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="validate a site file against the data contract")
     check.add_argument("file", type=Path)
     check.add_argument("--mapping", type=Path, default=None,
-                       help="file mapping the site's column names to the contract's")
+                       help="the site's mapping file (.toml, .json or .csv): column names, value recodings, date "
+                            "format, encoding (docs/data-contract.md)")
+    check.add_argument("--encoding", default=None,
+                       help="the CSV's text encoding, e.g. utf-8, cp1252, utf-16 (default: detected; a file that "
+                            "does not decode is refused)")
 
     ledger_help = ("a deployed site's privacy ledger: every DP round it trained, and so its spent budget; a site "
                    "refuses to train without one, and never starts a fresh one by itself")
@@ -215,7 +219,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "data":
         from common.contract import load_site, print_profile
 
-        table = load_site(args.file, mapping=args.mapping)
+        table = load_site(args.file, mapping=args.mapping, encoding=args.encoding)
         print_profile(table, args.file)
     elif args.command == "train":
         from simulations.central import run_central

@@ -1,20 +1,27 @@
 """The site data contract (docs/data-contract.md): constants, loading, validation, profile.
 
-`load_site` reads one site's table (Parquet or CSV), applies an optional column mapping, checks every rule
-of the contract and returns a clean frame with the contract's dtypes. Every broken rule is collected first
-and raised together as one `EdfedError`, so a site can fix its file in one go. Messages name the file, the
-column, the first offending rows and the rule; they never contain any text from a note column. Each error
-also has an off-site form (`EdfedError.offsite`, what a site may send the coordinator): file name, column,
-rule and row numbers only, no visit id and no cell value. `edfed data check` shows the full one locally.
+`load_site` reads one site's table (Parquet or CSV, its text decoded without losing a character), applies an
+optional mapping file (renames, value recodings, date format, encoding: docs/data-contract.md, "Mapping
+file"), checks every rule of the contract and returns a clean frame with the contract's dtypes. Every
+broken rule is collected first and raised together as one `EdfedError`, so a site can fix its file in one
+go. Messages name the file, the column, the first offending rows and the rule; they never contain any text
+from a note column. Each error also has an off-site form (`EdfedError.offsite`, what a site may send the
+coordinator): file name, column, rule and row numbers only, no visit id and no cell value. `edfed data
+check` shows the full one locally.
 
 Row numbers in messages count data rows from 1 (the CSV header is not a row).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as _dt
+import io
 import json
+import re
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +141,117 @@ def _short(exc: BaseException) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def _read_raw(path: Path) -> pd.DataFrame:
+@dataclass
+class _Decoded:
+    """A CSV's text and how it was read: the encoding used, and the cells converted from cp1252."""
+
+    text: str
+    encoding: str
+    converted: dict[str, np.ndarray] = field(default_factory=dict)  # column -> rows read as cp1252
+    notice: str = ""  # what the reader did that the user must know (shown as a warning)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _decode_csv(path: Path, data: bytes, encoding: str | None) -> _Decoded:
+    """The CSV's text, never losing a character: an explicit encoding must decode every byte; otherwise a BOM
+    decides (UTF-8, UTF-16 as Excel's "Unicode text" writes it), else UTF-8, with any byte run that is not
+    UTF-8 read as cp1252 (what Windows exports write) and reported. Anything else is refused."""
+    def refuse(enc: str, exc: UnicodeDecodeError, raw: bytes = data) -> EdfedError:
+        line = _line_of(raw, exc.start)
+        what = (f"not {enc} text: byte {raw[exc.start:exc.start + 1].hex()} at line {line} of the file "
+                f"(line 1 is the header) cannot be decoded; nothing was read. Pass the file's text encoding "
+                f"with --encoding (or `encoding` in the mapping file), e.g. utf-8, cp1252, utf-16")
+        return _fail(path, what + ".", f"not {enc} text at line {line}; pass its encoding with --encoding.")
+
+    if encoding:
+        enc = codecs.lookup(encoding).name
+        if enc == "utf-8" and data.startswith(codecs.BOM_UTF8):
+            enc = "utf-8-sig"
+        try:
+            return _Decoded(data.decode(enc), encoding)
+        except UnicodeDecodeError as exc:
+            raise refuse(encoding, exc) from None
+    if data.startswith(codecs.BOM_UTF8):
+        try:
+            return _Decoded(data.decode("utf-8-sig"), "utf-8 (with BOM)")
+        except UnicodeDecodeError as exc:
+            raise refuse("UTF-8", exc) from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return _Decoded(data.decode("utf-16"), "utf-16")
+        except UnicodeDecodeError as exc:
+            raise refuse("UTF-16", exc) from None
+    if b"\x00" in data[:65536]:
+        raise _fail(path, "not Parquet/CSV: the content is binary, not CSV text (for UTF-16 text without a "
+                          "byte-order mark pass --encoding utf-16-le).")
+    text = data.decode("utf-8", errors="surrogateescape")  # an undecodable byte b becomes U+DC00+b
+    runs = list(_UNDECODED.finditer(text))
+    if not runs:
+        return _Decoded(text, "utf-8")
+    non_ascii = len(data.translate(None, bytes(range(128))))
+    undecoded = sum(len(m.group()) for m in runs)
+    if undecoded == non_ascii:  # no valid UTF-8 sequence anywhere: a cp1252 file
+        try:
+            return _Decoded(data.decode("cp1252"), "cp1252 (detected)",
+                            notice="the file is not UTF-8: its text was read as cp1252 (Windows-1252), every "
+                                   "note kept; if accented letters look wrong, pass the right --encoding")
+        except UnicodeDecodeError as exc:
+            raise refuse("UTF-8 or cp1252", exc) from None
+    # mostly UTF-8 with some cp1252 pasted in: convert each run, marked so that its rows can be named
+    pieces, last = [], 0
+    for m in runs:
+        raw = bytes(ord(ch) - 0xDC00 for ch in m.group())
+        try:
+            fixed = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            offset = len(text[:m.start()].encode("utf-8", errors="surrogateescape"))
+            raise refuse("UTF-8 or cp1252", UnicodeDecodeError("cp1252", data, offset, offset + 1, "")) from None
+        pieces += [text[last:m.start()], _MARK_OPEN, fixed, _MARK_CLOSE]
+        last = m.end()
+    pieces.append(text[last:])
+    return _Decoded("".join(pieces), "utf-8, some cells cp1252")
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]+")
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use characters around text converted from cp1252
+
+
+def _read_csv(path: Path, encoding: str | None) -> tuple[pd.DataFrame, _Decoded]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(path, f"could not be opened ({_short(exc)}).", "could not be opened.") from None
+    if data.startswith(b"PAR1"):
+        raise _fail(path, "not Parquet/CSV: the content is Parquet but the name ends in .csv; "
+                          "rename it to .parquet.")
+    decoded = _decode_csv(path, data, encoding)
+    first = decoded.text.split("\n", 1)[0]
+    # Excel's "Unicode text" (UTF-16) is tab-separated; every other site CSV is comma-separated
+    sep = "\t" if decoded.encoding.startswith("utf-16") and "\t" in first and "," not in first else ","
+    try:
+        raw = pd.read_csv(io.StringIO(decoded.text), dtype=str, keep_default_na=False, sep=sep)
+    except pd.errors.EmptyDataError:
+        raise _fail(path, "empty table: the file has no header and no rows.") from None
+    except Exception as exc:  # ParserError, csv.Error, ...
+        hint = ("; the header looks ';'- or tab-separated, a site CSV must be comma-separated"
+                if "," not in first and (";" in first or "\t" in first) else "")
+        raise _fail(path, f"not Parquet/CSV: the content could not be parsed as CSV ({_short(exc)})"
+                          f"{hint}.", f"not Parquet/CSV: the content could not be parsed as CSV{hint}.") from None
+    if _MARK_OPEN in decoded.text:
+        for col in raw.columns:
+            marked = raw[col].str.contains(_MARK_OPEN, regex=False).to_numpy(dtype=bool)
+            if marked.any():
+                decoded.converted[str(col).strip()] = marked
+                raw[col] = raw[col].str.replace(_MARK_OPEN, "", regex=False).str.replace(_MARK_CLOSE, "",
+                                                                                         regex=False)
+        raw.columns = [str(c).replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "") for c in raw.columns]
+    return raw, decoded
+
+
+def _read_raw(path: Path, encoding: str | None = None) -> tuple[pd.DataFrame, _Decoded | None]:
     if not path.exists():
         raise _fail(path, "file not found.")
     if path.is_dir():
@@ -142,42 +259,104 @@ def _read_raw(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         try:
-            return pd.read_parquet(path)
+            return pd.read_parquet(path), None
         except Exception as exc:  # pyarrow raises several unrelated types for a bad file
             unreadable = "not Parquet/CSV: the content could not be read as Parquet"
             raise _fail(path, f"{unreadable} ({_short(exc)}).", f"{unreadable}.") from None
     if suffix in CSV_SUFFIXES:
-        try:
-            with path.open("rb") as fh:
-                head = fh.read(65536)
-        except OSError as exc:
-            raise _fail(path, f"could not be opened ({_short(exc)}).", "could not be opened.") from None
-        if head.startswith(b"PAR1"):
-            raise _fail(path, "not Parquet/CSV: the content is Parquet but the name ends in .csv; "
-                              "rename it to .parquet.")
-        if b"\x00" in head:
-            raise _fail(path, "not Parquet/CSV: the content is binary, not CSV text.")
-        try:
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                               encoding_errors="replace")
-        except pd.errors.EmptyDataError:
-            raise _fail(path, "empty table: the file has no header and no rows.") from None
-        except Exception as exc:  # ParserError, csv.Error, ...
-            first = head.split(b"\n", 1)[0]
-            hint = ("; the header looks ';'- or tab-separated, a site CSV must be comma-separated"
-                    if b"," not in first and (b";" in first or b"\t" in first) else "")
-            raise _fail(path, f"not Parquet/CSV: the content could not be parsed as CSV ({_short(exc)})"
-                              f"{hint}.", f"not Parquet/CSV: the content could not be parsed as CSV{hint}.") from None
+        return _read_csv(path, encoding)
     raise _fail(path, f"not Parquet/CSV: the file name ends in {path.suffix or '(no extension)'!r}; "
                       "a site table must be .parquet, .pq or .csv.")
 
 
-def _load_mapping(mapping: Path | str | dict | None, path: Path) -> tuple[dict[str, str], str]:
-    """The mapping as {site column: contract column} and how to name it in messages."""
+# ----------------------------------------------------------------------------------------------------------
+# the site's mapping file (docs/data-contract.md, "Mapping file")
+
+# the keys a structured mapping (TOML, or JSON with these keys) may have
+MAPPING_KEYS: tuple[str, ...] = ("columns", "values", "binary_values", "date_format", "encoding")
+_BINARY_COLUMNS: tuple[str, ...] = (*FLAG_COLUMNS, *OUTCOMES)
+
+
+@dataclass(frozen=True)
+class SiteMapping:
+    """How a site's export becomes the contract's table: renames, value recodings, date format, encoding."""
+
+    columns: dict[str, str] = field(default_factory=dict)  # site column -> contract column
+    values: dict[str, dict[str, str]] = field(default_factory=dict)  # contract column -> {site value: value}
+    date_format: str | None = None  # strftime codes of arrival_date as the file writes it
+    encoding: str | None = None  # the CSV's text encoding (default: detected)
+    label: str = ""  # how messages name the mapping
+
+
+def _mapping_text(v: Any) -> str | None:
+    """A recoding target as the text the contract reads ("" for missing); None if not a plain value."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int) or (isinstance(v, float) and v == int(v)):
+        return str(int(v))
+    if isinstance(v, float):
+        return repr(v)
+    return v.strip() if isinstance(v, str) else None
+
+
+def _parse_structured(data: dict, label: str) -> SiteMapping:
+    unknown = sorted(set(data) - set(MAPPING_KEYS))
+    if unknown:
+        raise EdfedError(f"{label}: unknown key(s) {', '.join(map(repr, unknown))}; a mapping has only "
+                         f"{', '.join(MAPPING_KEYS)} (docs/data-contract.md, 'Mapping file').")
+    columns = data.get("columns", {})
+    if not isinstance(columns, dict):
+        raise EdfedError(f"{label}: 'columns' must be a table of site column = contract column.")
+    for key in ("date_format", "encoding"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise EdfedError(f"{label}: '{key}' must be text, e.g. " +
+                             ("'%Y-%m-%d %H:%M:%S'." if key == "date_format" else "'cp1252'."))
+    encoding = data.get("encoding") or None
+    if encoding:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise EdfedError(f"{label}: unknown encoding {encoding!r} (e.g. utf-8, cp1252, utf-16).") from None
+    recodings: dict[str, Any] = {}
+    binary = data.get("binary_values")
+    if binary is not None:
+        if not isinstance(binary, dict):
+            raise EdfedError(f"{label}: 'binary_values' must be a table of site value = 0 or 1.")
+        recodings.update({c: dict(binary) for c in _BINARY_COLUMNS})
+    values = data.get("values", {})
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise EdfedError(f"{label}: 'values' must hold one table per column, e.g. [values.sex] F = \"female\".")
+    for col, table in values.items():
+        target = columns.get(col, col)  # a site column name is taken for the contract column it maps to
+        if target not in CONTRACT_COLUMNS or target in NOTE_COLUMNS:
+            raise EdfedError(f"{label}: [values.{col}]: not a contract column that can be recoded (notes never "
+                             "are); name the contract column, e.g. [values.sex].")
+        recodings[target] = {**recodings.get(target, {}), **table}
+    checked: dict[str, dict[str, str]] = {}
+    for col, table in recodings.items():
+        allowed = (("", *SEX_VALUES) if col == "sex" else ("", "0", "1") if col in _BINARY_COLUMNS else None)
+        out = {}
+        for site_value, value in table.items():
+            text = _mapping_text(value)
+            if text is None or (allowed is not None and text not in allowed):
+                what = "'female', 'male' or ''" if col == "sex" else "0, 1 or ''" if allowed else "a value"
+                raise EdfedError(f"{label}: recodes {site_value!r} in column '{col}' to {value!r}; it must "
+                                 f"become {what} ('' for missing).")
+            out[str(site_value).strip()] = text
+        checked[col] = out
+    return SiteMapping(dict(columns), checked, data.get("date_format") or None, encoding, label)
+
+
+def _load_mapping(mapping: Path | str | dict | SiteMapping | None, path: Path) -> SiteMapping:
+    """The mapping file (TOML, JSON or two-column CSV) or dict, parsed and checked against the contract."""
     if mapping is None:
-        return {}, ""
-    if isinstance(mapping, dict):
-        pairs, label = dict(mapping), "the column mapping"
+        return SiteMapping()
+    if isinstance(mapping, SiteMapping):
+        spec = mapping
+    elif isinstance(mapping, dict):
+        spec = _mapping_from_dict(mapping, "the column mapping")
     else:
         mpath = Path(mapping)
         label = f"mapping file {mpath}"
@@ -185,55 +364,94 @@ def _load_mapping(mapping: Path | str | dict | None, path: Path) -> tuple[dict[s
             raise EdfedError(f"{label}: file not found (given for {path}).")
         suffix = mpath.suffix.lower()
         try:
-            if suffix == ".json":
-                pairs = json.loads(mpath.read_text(encoding="utf-8-sig"))
-                if not isinstance(pairs, dict):
+            if suffix == ".toml":
+                data = tomllib.loads(mpath.read_text(encoding="utf-8-sig"))
+                spec = _parse_structured(data, label)
+            elif suffix == ".json":
+                data = json.loads(mpath.read_text(encoding="utf-8-sig"))
+                if not isinstance(data, dict):
                     raise ValueError('the JSON must be one object {"site_column": "contract_column", ...}')
+                spec = _mapping_from_dict(data, label)
             elif suffix == ".csv":
-                with mpath.open(newline="", encoding="utf-8-sig") as fh:
-                    rows = [r for r in csv.reader(fh) if any(cell.strip() for cell in r)]
-                header = [c.strip() for c in rows[0]] if rows else []
-                if header != ["site_column", "contract_column"]:
-                    raise ValueError("the CSV must have the header 'site_column,contract_column'")
-                pairs = {}
-                for n, row in enumerate(rows[1:], start=2):
-                    if len(row) != 2:
-                        raise ValueError(f"line {n} has {len(row)} fields, not 2")
-                    if row[0].strip() in pairs:
-                        raise ValueError(f"line {n} maps site column {row[0].strip()!r} a second time")
-                    pairs[row[0].strip()] = row[1].strip()
+                spec = SiteMapping(_csv_pairs(mpath), label=label)
             else:
-                raise ValueError("a mapping file must be .json or .csv")
-        except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+                raise ValueError("a mapping file must be .toml, .json or .csv")
+        except (OSError, UnicodeDecodeError, ValueError, csv.Error, tomllib.TOMLDecodeError) as exc:
             raise EdfedError(f"{label}: unreadable ({_short(exc)}).") from None
+    _check_columns(spec.columns, spec.label)
+    return spec
+
+
+def _mapping_from_dict(data: dict, label: str) -> SiteMapping:
+    """A flat {"AGE_YEARS": "age"} (the original format) or a structured one (any table value, or only
+    structured keys)."""
+    if any(isinstance(v, dict) for v in data.values()) or (data and set(data) <= set(MAPPING_KEYS)):
+        return _parse_structured(data, label)
+    return SiteMapping(dict(data), label=label)
+
+
+def _csv_pairs(mpath: Path) -> dict[str, str]:
+    with mpath.open(newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if any(cell.strip() for cell in r)]
+    header = [c.strip() for c in rows[0]] if rows else []
+    if header == ["contract_column", "site_column"]:
+        raise ValueError("the header is reversed: a mapping CSV is 'site_column,contract_column', each line the "
+                         "site's name first")
+    if header != ["site_column", "contract_column"]:
+        raise ValueError("the CSV must have the header 'site_column,contract_column'")
+    pairs: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            raise ValueError(f"line {n} has {len(row)} fields, not 2")
+        if row[0].strip() in pairs:
+            raise ValueError(f"line {n} maps site column {row[0].strip()!r} a second time")
+        pairs[row[0].strip()] = row[1].strip()
+    return pairs
+
+
+def _check_columns(pairs: dict, label: str) -> None:
     bad = [f"{k!r}: {v!r}" for k, v in pairs.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise EdfedError(f"{label}: every entry must map a site column name to a contract column name "
                          f"(both text); not: {', '.join(bad[:5])}.")
     unknown = sorted({v for v in pairs.values() if v not in CONTRACT_COLUMNS})
     if unknown:
+        backwards = [k for k, v in pairs.items() if v in unknown and k in CONTRACT_COLUMNS]
+        hint = (f" The mapping looks reversed: {', '.join(map(repr, backwards[:3]))} "
+                f"{'is a contract column' if len(backwards) == 1 else 'are contract columns'} on the left. Each "
+                f"entry is site column -> contract column, e.g. {{\"{pairs[backwards[0]]}\": \"{backwards[0]}\"}}."
+                if backwards and len(backwards) * 2 >= len(unknown) else "")
         raise EdfedError(f"{label}: unknown target column name(s) {', '.join(map(repr, unknown))}; "
-                         "a target must be a column of the data contract (e.g. 'age', 'note_triage').")
-    targets = pd.Series(list(pairs.values()))
+                         f"a target must be a column of the data contract (e.g. 'age', 'note_triage').{hint}")
+    targets = pd.Series(list(pairs.values()), dtype=object)
     doubled = sorted(set(targets[targets.duplicated()]))
     if doubled:
         raise EdfedError(f"{label}: several site columns map to {', '.join(map(repr, doubled))}.")
-    return pairs, label
 
 
-def _apply_mapping(raw: pd.DataFrame, pairs: dict[str, str], label: str, path: Path) -> pd.DataFrame:
-    if not pairs:
-        return raw
-    present = set(raw.columns)
-    absent = [k for k in pairs if k not in present]
-    if absent:
-        raise EdfedError(f"{label}: maps site column(s) {', '.join(map(repr, absent))} that {path} "
-                         "does not have.")
-    clash = [v for k, v in pairs.items() if v != k and v in present and v not in pairs]
-    if clash:
-        raise EdfedError(f"{label}: maps a site column onto {', '.join(map(repr, clash))}, which {path} "
-                         "already has under that name; map or rename one of them.")
-    return raw.rename(columns=pairs)
+def _apply_mapping(raw: pd.DataFrame, spec: SiteMapping, path: Path) -> pd.DataFrame:
+    pairs, label = spec.columns, spec.label
+    if pairs:
+        present = set(raw.columns)
+        absent = [k for k in pairs if k not in present]
+        if absent:
+            backwards = [k for k in absent if k in CONTRACT_COLUMNS and pairs[k] in present]
+            hint = (" It looks reversed: each entry is site column -> contract column, "
+                    f"e.g. {{\"{pairs[backwards[0]]}\": \"{backwards[0]}\"}}." if backwards else "")
+            raise EdfedError(f"{label}: maps site column(s) {', '.join(map(repr, absent))} that {path} "
+                             f"does not have.{hint}")
+        clash = [v for k, v in pairs.items() if v != k and v in present and v not in pairs]
+        if clash:
+            raise EdfedError(f"{label}: maps a site column onto {', '.join(map(repr, clash))}, which {path} "
+                             "already has under that name; map or rename one of them.")
+        raw = raw.rename(columns=pairs)
+    for col, table in spec.values.items():
+        if col not in raw.columns or not table:
+            continue
+        text = _as_text(raw[col])
+        recoded = text.str.strip().map(table)  # unmapped cells stay as they are; the contract judges them
+        raw[col] = recoded.where(recoded.notna(), text).astype("string")
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,8 +491,9 @@ def _as_number(s: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vals, missing, bad
 
 
-def _as_date(s: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(datetime64[ns] values, missing mask, not-a-YYYY-MM-DD-date mask)."""
+def _as_date(s: pd.Series, date_format: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(datetime64[ns] values, missing mask, not-a-date mask): YYYY-MM-DD, or the mapping's `date_format`
+    (a time of day in it is dropped: the contract keeps the date)."""
     if pd.api.types.is_datetime64_any_dtype(s.dtype):
         d = pd.Series(s)
         if getattr(d.dt, "tz", None) is not None:
@@ -286,9 +505,12 @@ def _as_date(s: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         is_date = s.map(lambda v: isinstance(v, _dt.date)).to_numpy(dtype=bool)
     text = _as_text(s.where(~is_date, None)).str.strip()
     missing = _missing_mask(text) & ~is_date
-    well_formed = text.str.fullmatch(r"\d{4}-\d{2}-\d{2}").fillna(False).to_numpy(dtype=bool)
-    parsed = pd.to_datetime(text.where(pd.Series(well_formed, index=s.index)), format="%Y-%m-%d",
-                            errors="coerce")
+    if date_format:
+        parsed = pd.to_datetime(text.where(pd.Series(~missing, index=s.index)), format=date_format, errors="coerce")
+    else:
+        well_formed = text.str.fullmatch(r"\d{4}-\d{2}-\d{2}").fillna(False).to_numpy(dtype=bool)
+        parsed = pd.to_datetime(text.where(pd.Series(well_formed, index=s.index)), format="%Y-%m-%d",
+                                errors="coerce")
     if is_date.any():
         parsed = parsed.where(~is_date, pd.to_datetime(s.where(is_date), errors="coerce"))
     bad = ~missing & parsed.isna().to_numpy()
@@ -375,7 +597,8 @@ def _blank_bad_notes(df: pd.DataFrame, col: str, warnings: list[str], problems: 
     return out.astype(str)
 
 
-def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str]) -> pd.DataFrame:
+def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str], spec: SiteMapping | None = None,
+              converted: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     def name(col: str) -> str:  # a mapped column is named both ways
         return f"column '{col}' (site column '{renamed[col]}')" if col in renamed else f"column '{col}'"
 
@@ -422,13 +645,24 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str]) -> pd.DataF
         dup = pd.Series(vid_raw).duplicated(keep=False).to_numpy() & filled
         problems.add_rows(name("visit_id"), "duplicate visit_id (must be unique within the file)",
                           dup, show_values=False)
+    spec = spec or SiteMapping()
+
+    def recode_hint(col: str, table: str) -> str:  # where the fix lives: a mapping's recoding, unless it has one
+        return "" if col in spec.values else f"; a mapping recodes the site's values: {table}"
     # arrival date
     if "arrival_date" in df.columns:
-        vals, miss, bad = _as_date(df["arrival_date"])
+        vals, miss, bad = _as_date(df["arrival_date"], spec.date_format)
         problems.add_rows(name("arrival_date"), "missing value in required column", miss,
                           show_values=False)
-        problems.add_rows(name("arrival_date"), "not a valid YYYY-MM-DD date (1900-01-02 to 2100-12-31)", bad,
-                          _as_text(df["arrival_date"]).to_numpy(dtype=object, na_value=None))
+        raw_dates = _as_text(df["arrival_date"]).to_numpy(dtype=object, na_value=None)
+        if spec.date_format:
+            rule = f"not a date in the mapping's date_format {spec.date_format!r} (1900-01-02 to 2100-12-31)"
+        else:
+            timestamps = bad.any() and any(isinstance(v, str) and re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}[ T]\d.*", v)
+                                           for v in raw_dates[bad][:50])
+            rule = ("not a valid YYYY-MM-DD date (1900-01-02 to 2100-12-31" +
+                    ('; for timestamps set date_format = "%Y-%m-%d %H:%M:%S" in the mapping)' if timestamps else ")"))
+        problems.add_rows(name("arrival_date"), rule, bad, raw_dates)
         out["arrival_date"] = pd.Series(vals, index=df.index, dtype="datetime64[ns]")
     # numbers
     for col, (lo, hi) in NUMERIC_RANGES.items():
@@ -452,8 +686,8 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str]) -> pd.DataF
         miss = _missing_mask(text)
         ok = text.isin(SEX_VALUES).to_numpy(dtype=bool, na_value=False)
         problems.add_rows(name("sex"), "missing value in required column", miss, show_values=False)
-        problems.add_rows(name("sex"), "not 'female'/'male' (lower case)", ~miss & ~ok,
-                          text.to_numpy(dtype=object, na_value=None))
+        problems.add_rows(name("sex"), f"not 'female'/'male' (lower case{recode_hint('sex', '[values.sex]')})",
+                          ~miss & ~ok, text.to_numpy(dtype=object, na_value=None))
         out["sex"] = text.where(pd.Series(ok, index=df.index), "").astype(str)
     # 0/1 flags and labels
     for col in (*FLAG_COLUMNS, *OUTCOMES):
@@ -467,9 +701,13 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str]) -> pd.DataF
             problems.add_rows(name(col), "missing required label (must be 0 or 1 on every row)",
                               miss, show_values=False)
         allowed = "0, 1 or empty" if col not in _REQUIRED_VALUES else "0 or 1"
-        problems.add_rows(name(col), f"{kind} not 0/1 (allowed: {allowed})", not01,
+        hint = recode_hint(col, "[binary_values] (e.g. yes = 1, no = 0)")
+        problems.add_rows(name(col), f"{kind} not 0/1 (allowed: {allowed}{hint})", not01,
                           _as_text(df[col]).to_numpy(dtype=object, na_value=None))
         out[col] = pd.Series(np.where(not01, np.nan, vals), index=df.index, dtype="float64")
+    for col, rows in (converted or {}).items():  # cells not in UTF-8 that the reader converted: say where
+        warnings.append(f"{name(col)}: text that is not UTF-8 was read as cp1252 (Windows-1252) in "
+                        f"{problems.where(rows, show_values=False)}; check these cells, or pass --encoding")
     # notes
     for col in NOTE_COLUMNS:
         if col not in df.columns:
@@ -512,20 +750,34 @@ def _raise(path: Path, problems: _Problems) -> None:
     raise EdfedError(text(str(path), problems.items), offsite=text(path.name, problems.offsite))
 
 
-def load_site(path: Path | str, mapping: Path | str | dict | None = None) -> pd.DataFrame:
+def load_site(path: Path | str, mapping: Path | str | dict | SiteMapping | None = None,
+              encoding: str | None = None) -> pd.DataFrame:
     """Read, map and validate one site table; the clean frame (contract dtypes) or an `EdfedError`.
 
-    The frame has every contract column (an absent optional column is all-missing), in the contract's order,
-    followed by any extra columns as read. `attrs["warnings"]` lists row-level problems that did not stop
-    the load (e.g. notes blanked for bad encoding); `attrs["source"]` is the path.
+    `mapping`: a mapping file (TOML, JSON or CSV; docs/data-contract.md) or its dict. `encoding`: the CSV's
+    text encoding, over the mapping's `encoding` and detection. The frame has every contract column (an
+    absent optional column is all-missing), in the contract's order, followed by any extra columns as read.
+    `attrs["warnings"]` lists row-level problems that did not stop the load (e.g. text read as cp1252);
+    `attrs["source"]` is the path, `attrs["encoding"]` how a CSV's text was read.
     """
     path = Path(path)
-    pairs, label = _load_mapping(mapping, path)
-    raw = _read_raw(path)
-    raw.columns = [str(c).strip() for c in raw.columns]
-    raw = _apply_mapping(raw, pairs, label, path)
-    renamed = {v: k for k, v in pairs.items() if k != v}
-    return _validate(raw, path, renamed)
+    spec = _load_mapping(mapping, path)
+    if encoding:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise EdfedError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, cp1252, utf-16).") from None
+    raw, decoded = _read_raw(path, encoding or spec.encoding)
+    raw.columns = [str(c).strip().lstrip("\ufeff") for c in raw.columns]
+    raw = _apply_mapping(raw, spec, path)
+    renamed = {v: k for k, v in spec.columns.items() if k != v}
+    converted = {spec.columns.get(c, c): rows for c, rows in decoded.converted.items()} if decoded else {}
+    clean = _validate(raw, path, renamed, spec, converted)
+    if decoded:
+        clean.attrs["encoding"] = decoded.encoding
+        if decoded.notice:
+            clean.attrs["warnings"].insert(0, decoded.notice)
+    return clean
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,6 +863,8 @@ def print_profile(df: pd.DataFrame, path: Path | str) -> None:
     summary.add_row("visits per patient", f"max {vpp['max']}, mean {vpp['mean']:.2f}, "
                                           f"{vpp['share_multi']:.1%} of patients have more than one")
     summary.add_row("arrival dates", f"{dates['min']} to {dates['max']}")
+    if df.attrs.get("encoding"):
+        summary.add_row("text encoding", df.attrs["encoding"])
     console.print(summary)
 
     outcomes = Table(title="Outcomes", title_justify="left")

@@ -270,21 +270,23 @@ def test_all_violations_reported_together(site, tmp_path):
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-def test_bad_encoding_in_note_is_a_row_warning(site, tmp_path):
+def test_cp1252_note_in_a_utf8_file_is_converted_and_named(site, tmp_path):
+    """A cp1252 note pasted into a UTF-8 export: converted, never blanked, and its row named."""
     path = tmp_path / "site.csv"
     site.loc[3, "note_triage"] = "placeholder-note-4"
+    site.loc[5, "note_physician"] = "History: fièvre. IMPRESSION: pneumonie."  # valid UTF-8 elsewhere
     text = site.to_csv(index=False).encode("utf-8")
     bad = f"cough {SECRET} fi\xe8vre".encode("latin-1")  # not valid UTF-8
     path.write_bytes(text.replace(b"placeholder-note-4", bad))
     df = load_site(path)
     assert len(df) == 40
-    assert df.loc[3, "note_triage"] == ""  # blanked
+    assert df.loc[3, "note_triage"] == f"cough {SECRET} fi\xe8vre"  # converted, not blanked
+    assert df.loc[5, "note_physician"] == site.loc[5, "note_physician"]  # the UTF-8 text untouched
     assert df.loc[4, "note_triage"] == site.loc[4, "note_triage"]  # neighbours untouched
-    assert df.loc[3, "note_physician"] == site.loc[3, "note_physician"]
     warnings = df.attrs["warnings"]
     assert len(warnings) == 1
     assert "note_triage" in warnings[0] and "row 4 (visit_id V0004)" in warnings[0]
-    assert "encoding" in warnings[0]
+    assert "cp1252" in warnings[0]
     assert SECRET not in warnings[0] and "cough" not in warnings[0]
     assert profile_site(df)["warnings"] == warnings
 
