@@ -7,34 +7,107 @@ one-paragraph message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
+from common.config import DEFAULT_DATA_DIR
 from common.config import RUN_DEFAULTS as D  # every default has one home: pyproject.toml
 from common.errors import EdfedError
 
+DESCRIPTION = ("edfed trains one model for several hospital emergency departments without their patient data "
+               "leaving any of them: each site trains at home on its own ED visits (vital signs, labs and "
+               "clinical notes) and shares only a differentially private update. It predicts 30-day mortality, "
+               "safe discharge and 30-day readmission.")
+EPILOG = ("Try it: `edfed simulate` (a simulated six-site federation). Your own table: `edfed data check FILE "
+          "--mapping MAP` (docs/data-contract.md). Every command: `edfed COMMAND --help`.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edfed")
+    except PackageNotFoundError:  # run from a source folder that was never installed
+        return "unknown (not installed)"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default unless its help already says it (a None default means "decided later",
+    and the help text says by what)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default is not None
+                and not isinstance(action.default, bool) and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser shows defaults the same way."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# Flag values are checked as they are parsed: before any cohort is generated or any file written.
+def _number(text: str, kind: type = float, low: float = 0.0, inclusive: bool = False, inf: bool = False,
+            what: str = "positive") -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
+    if value != value or (math.isinf(value) and not inf) or value < low or (value == low and not inclusive):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
 
 def _float_or_inf(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    return _number(text, inf=True, what="positive (or inf)")
+
+
+def _positive_int(text: str) -> int:
+    return int(_number(text, int))
+
+
+def _positive_float(text: str) -> float:
+    return _number(text)
+
+
+def _non_negative_int(text: str) -> int:
+    return int(_number(text, int, inclusive=True, what="0 or more"))
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, inclusive=True, what="0 or more")
+
+
+def _delta(text: str) -> float:
+    value = _number(text, what="between 0 and 1")
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=Path("data/cohort"),
-                   help="folder with site-K.parquet files; the default cohort is generated there if missing")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
+                   help="folder with site-K.parquet|csv files; a folder that does not exist is an error, except this "
+                        "default, where the simulated cohort is generated (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face encoder directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--modality", choices=["multimodal", "text", "structured"], default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="note token budget per visit")
-    p.add_argument("--lora-layers", type=int, default=None,
-                   help="LoRA in the top N encoder layers (0 = every layer)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--modality", choices=["multimodal", "text", "structured"], default=None,
+                   help=f"what the model reads: notes and structured data, or one of them (default {D['modality']})")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help=f"note token budget per visit (default {D['max-tokens']})")
+    p.add_argument("--lora-layers", type=_non_negative_int, default=None,
+                   help=f"LoRA in the top N encoder layers (0 = every layer; default {D['lora-layers']})")
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"learning rate (default {D['central-lr']:g} central, {D['lr']:g} federated)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {D['batch-size']})")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"batch size (default {D['batch-size']})")
     p.add_argument("--seed", type=int, default=None, help=f"split and initialisation seed (default {D['seed']})")
     _add_precision_flag(p)
 
@@ -47,53 +120,59 @@ def _add_precision_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     """Flags every simulated federation takes (`simulate`, and each point of `privacy-sweep`)."""
-    p.add_argument("--rounds", dest="num_server_rounds", type=int, default=None,
+    p.add_argument("--rounds", dest="num_server_rounds", type=_positive_int, default=None,
                    help=f"federated rounds (default {D['num-server-rounds']})")
-    p.add_argument("--local-epochs", type=int, default=None,
+    p.add_argument("--local-epochs", type=_positive_int, default=None,
                    help=f"epochs per site per round (default {D['local-epochs']})")
-    p.add_argument("--delta", type=float, default=None, help=f"per-site delta (default {D['delta']:g})")
-    p.add_argument("--dp-lr", type=float, default=None,
+    p.add_argument("--delta", type=_delta, default=None, help=f"per-site delta (default {D['delta']:g})")
+    p.add_argument("--dp-lr", type=_positive_float, default=None,
                    help=f"learning rate of a site that trains with DP (default {D['dp-lr']:g})")
     p.add_argument("--dp-clipping", choices=["per-layer", "flat"], default=None,
                    help="DP-SGD clipping: per trainable tensor, same total norm (default), or of the whole gradient")
     p.add_argument("--privacy-unit", choices=["patient", "visit"], default=None,
                    help="what epsilon protects at each simulated site: a patient with all its visits (default) or one "
                         "visit (a patient with k visits then gets about k * epsilon)")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
-    p.add_argument("--proximal-mu", type=float, default=None, help="FedProx proximal weight")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None,
+                   help=f"how the coordinator combines the sites' updates (default {D['strategy']})")
+    p.add_argument("--proximal-mu", type=_non_negative_float, default=None,
+                   help=f"FedProx proximal weight (default {D['proximal-mu']:g})")
     p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA)")
+                   help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA; default "
+                        f"{'on' if D['ffa-lora'] else 'off'})")
     p.add_argument("--noise-draw", type=int, default=None,
                    help="simulated sites' DP noise: another value gives each site other noise (default 0)")
     p.add_argument("--architecture", choices=["auto", "full", "compact", "glm"], default=None,
                    help=f"what trains (default {D['architecture']}: the DP-GLM with DP, the full model without; "
                         "compact: the LoRA model under DP-SGD)")
-    p.add_argument("--glm-steps", type=int, default=None,
+    p.add_argument("--glm-steps", type=_positive_int, default=None,
                    help=f"the GLM's full-batch steps per site and round (default {D['glm-steps']})")
-    p.add_argument("--glm-lr", type=float, default=None, help=f"the GLM's step size (default {D['glm-lr']:g})")
+    p.add_argument("--glm-lr", type=_positive_float, default=None,
+                   help=f"the GLM's step size (default {D['glm-lr']:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edfed", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="edfed", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"edfed {_version()}",
+                        help="print the installed edfed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cohort = sub.add_parser("cohort", help="simulated cohort").add_subparsers(dest="action", required=True)
     gen = cohort.add_parser("generate", help="write the simulated six-ED cohort")
-    gen.add_argument("--out", type=Path, required=True)
-    gen.add_argument("--sites", type=int, default=6)
+    gen.add_argument("--out", type=Path, required=True, help="folder to write site-K.parquet, cohort.json, oracle/")
+    gen.add_argument("--sites", type=int, default=6, help="number of emergency departments")
     gen.add_argument("--visits-per-site", type=int, default=None,
                      help="visits at every site (default: realistic, unequal site sizes)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="generator seed: the same seed writes the same cohort")
     gen.add_argument("--harder", action="store_true",
                      help="add calendar waves of COVID-19 mortality, copied-forward text and typos in the notes, and a "
                           "site that writes Swedish (docs/cohort.md, 'Harder cohort')")
 
     data = sub.add_parser("data", help="site data").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="validate a site file against the data contract")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the site's table: .parquet, .pq or .csv")
     check.add_argument("--mapping", type=Path, default=None,
                        help="the site's mapping file (.toml, .json or .csv): column names, value recodings, date "
-                            "format, encoding (docs/data-contract.md)")
+                            "format, encoding (docs/data-contract.md; default: none, the contract's names)")
     check.add_argument("--encoding", default=None,
                        help="the CSV's text encoding, e.g. utf-8, cp1252, utf-16 (default: detected; a file that "
                             "does not decode is refused)")
@@ -105,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     linit = ledger.add_parser("init", help="create an empty ledger (a new budget: once per site, on purpose)")
     linit.add_argument("path", type=Path, help="the ledger file the site's node config names as ledger-path")
     lshow = ledger.add_parser("show", help="what a ledger has recorded and the epsilon spent")
-    lshow.add_argument("path", type=Path)
-    lshow.add_argument("--delta", type=float, default=D["delta"], help="the site's delta (default %(default)g)")
+    lshow.add_argument("path", type=Path, help="the ledger file")
+    lshow.add_argument("--delta", type=_delta, default=D["delta"], help="the site's delta (default %(default)g)")
 
     train = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
     central = train.add_parser("central", help="pooled (non-federated) training: the baseline")
@@ -127,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "fine-tuned at the site, the site's local-only model or their mean (no DP: stays there)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                     help="continue an interrupted run from its last checkpoint")
+                     help="continue an interrupted run from its last checkpoint (default: a new run)")
     pers_help = ("a site chooses the model it deploys on its own validation split: a finished run's global model, "
                  "it fine-tuned on the site's data, the site's local-only model or the mean of global and local "
                  "(no DP: all of it stays at the site), and scores it on its own test split")
@@ -135,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     pers.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                       help="a copy of the coordinator's run folder: run.json and checkpoints/ (no patient data)")
     pers.add_argument("--data", type=Path, required=True, help="this site's table (docs/data-contract.md)")
-    pers.add_argument("--mapping", type=Path, default=None, help="column mapping of the site's table, if any")
+    pers.add_argument("--mapping", type=Path, default=None,
+                      help="the site's mapping file (docs/data-contract.md; default: none, the contract's names)")
     pers.add_argument("--model", type=Path, default=None,
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
     pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
@@ -164,20 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="credentials for a real deployment").add_subparsers(dest="action",
                                                                                            required=True)
     init = deploy.add_parser("init", help="coordinator: a CA and the SuperLink's TLS certificate")
-    init.add_argument("--out", type=Path, default=Path("credentials"))
+    init.add_argument("--out", type=Path, default=Path("credentials"), help="folder for ca.crt, server.pem, server.key")
     init.add_argument("--host", action="append", default=None,
                       help="a name or IP the SuperLink is reached at (repeat; default: localhost and 127.0.0.1)")
     key = deploy.add_parser("site-key", help="site: an EC P-384 key pair for SuperNode authentication")
     key.add_argument("name", help="the site's name, e.g. ed-site-1")
-    key.add_argument("--out", type=Path, default=Path("credentials"))
+    key.add_argument("--out", type=Path, default=Path("credentials"), help="folder for the site's key pair")
     ckey = deploy.add_parser("consortium-key", help="consortium: the Ed25519 key that signs edfed releases")
-    ckey.add_argument("--out", type=Path, default=Path("credentials"))
+    ckey.add_argument("--out", type=Path, default=Path("credentials"),
+                      help="folder for consortium.key (owner-only) and consortium.pub")
     coord = deploy.add_parser("coordinator-key", help="coordinator: the Ed25519 key that signs every message to "
                               "the sites (coordinator.key, owner-only; coordinator.pub for the sites)")
-    coord.add_argument("--out", type=Path, required=True)
+    coord.add_argument("--out", type=Path, required=True, help="folder for coordinator.key and coordinator.pub")
     secret = deploy.add_parser("superexec-secret",
                                help="a shared secret for --superexec-auth-secret-file (owner-only file)")
-    secret.add_argument("file", type=Path)
+    secret.add_argument("file", type=Path, help="the secret file to write (owner-only)")
     runner = deploy.add_parser("site-runner", help="site: trust file and the shims that make this site's "
                                "SuperExec run only signed edfed releases")
     runner.add_argument("--consortium-key", type=Path, action="append", required=True,
@@ -185,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--min-version", default="0.0.0", help="the oldest release this site runs (default any)")
     runner.add_argument("--coordinator-key", type=Path, action="append", default=None,
                         help="the coordinator's coordinator.pub: this site obeys only messages it signed (repeat "
-                             "for several; or node config coordinator-key)")
-    runner.add_argument("--out", type=Path, required=True)
+                             "for several; or node config coordinator-key; default: none here)")
+    runner.add_argument("--out", type=Path, required=True, help="folder for trust.toml and the shims")
     proxy = deploy.add_parser("proxy-config", help="coordinator: nginx config that forwards only the Fleet API")
-    proxy.add_argument("--out", type=Path, required=True)
+    proxy.add_argument("--out", type=Path, required=True, help="folder for the nginx configuration")
     proxy.add_argument("--listen", default="443", help="public port (or address:port) nginx listens on")
     proxy.add_argument("--superlink", default="127.0.0.1:9091", help="the SuperLink's loopback address")
     proxy.add_argument("--credentials", type=Path, required=True,
@@ -198,18 +279,33 @@ def build_parser() -> argparse.ArgumentParser:
     release = sub.add_parser("release", help="signed edfed releases").add_subparsers(dest="action", required=True)
     rbuild = release.add_parser("build", help="flwr build the app into OUT: the FAB and its .sha256")
     rbuild.add_argument("--app", type=Path, default=Path("."), help="edfed source folder (default .)")
-    rbuild.add_argument("--out", type=Path, default=Path("release"))
+    rbuild.add_argument("--out", type=Path, default=Path("release"), help="folder for the FAB and its .sha256")
     rsign = release.add_parser("sign", help="sign a FAB's sha256 and version with the consortium key: FAB.sig")
-    rsign.add_argument("fab", type=Path)
+    rsign.add_argument("fab", type=Path, help="the FAB that `release build` wrote")
     rsign.add_argument("--key", type=Path, required=True, help="consortium.key")
     rverify = release.add_parser("verify", help="check a FAB against its signature and a site's trust file")
-    rverify.add_argument("fab", type=Path)
+    rverify.add_argument("fab", type=Path, help="the FAB to check")
     rverify.add_argument("--trust", type=Path, required=True, help="the site's trust.toml")
     rverify.add_argument("--signature", type=Path, default=None, help="signature file (default FAB.sig)")
     return parser
 
 
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """Build the settings a training command will build, now: a bad value stops it before any cohort is
+    generated or any file written."""
+    if args.command == "train":
+        from simulations.central import config_from_args
+
+        config_from_args(args)
+    else:
+        from common.config import run_config_from_args, train_config_from
+
+        train_config_from(run_config_from_args(args))
+
+
 def _dispatch(args: argparse.Namespace) -> None:
+    if args.command in ("train", "simulate", "privacy-sweep"):
+        _check_run_flags(args)
     if args.command == "cohort":
         from simulations.cohort import generate_cohort
 

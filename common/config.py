@@ -32,6 +32,8 @@ NOTE_SECTIONS = ("impression", "assessment_plan", "triage", "history")
 
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# The main job's data folder: the one --data that is generated (the simulated cohort) when it does not exist.
+DEFAULT_DATA_DIR = Path("data/cohort")
 
 
 def _run_defaults() -> dict[str, Any]:

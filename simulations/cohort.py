@@ -1150,9 +1150,16 @@ def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = N
 
 
 def ensure_cohort(data_dir: Path, seed: int = 0) -> Path:
-    """The default simulated cohort in `data_dir` unless that folder exists: what every command that takes --data
-    does on a fresh machine, so the README's first command needs no data of its own."""
+    """`data_dir` itself when it exists; the default simulated cohort generated there when it is the main job's
+    default folder (so the README's first command needs no data of its own); otherwise an `EdfedError`, before
+    anything is written: a mistyped --data must not train on fake data."""
+    from common.config import DEFAULT_DATA_DIR
+
     data_dir = Path(data_dir)
+    if not data_dir.exists() and data_dir.resolve() != DEFAULT_DATA_DIR.resolve():
+        raise EdfedError(f"--data {data_dir}: no such folder. Name the folder that holds site-1.parquet|csv ... "
+                         f"(only the default {DEFAULT_DATA_DIR} is generated when missing: `edfed cohort generate "
+                         f"--out {data_dir}` makes a simulated cohort there on purpose).")
     if not data_dir.exists():
         print(f"{data_dir} does not exist: generating the default simulated cohort there", flush=True)
         generate_cohort(data_dir, seed=seed)

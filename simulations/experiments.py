@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import NOTE_SECTIONS, TrainConfig
+from common.config import DEFAULT_DATA_DIR, NOTE_SECTIONS, TrainConfig
 from common.errors import EdfedError
 from common.files import atomic_write_text
 from common.markdown import markdown_table
@@ -600,8 +600,9 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("name", nargs="?", choices=list(EXPERIMENTS), metavar="NAME",
                    help="one of: " + ", ".join(EXPERIMENTS))
     p.add_argument("--list", action="store_true", help="name the experiments, one line each, and exit")
-    p.add_argument("--data", type=Path, default=Path("data/cohort"),
-                   help="folder with site-K.parquet files; the default cohort is generated there if missing")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
+                   help="folder with site-K.parquet|csv files; only the default folder is generated (the simulated "
+                        "cohort) when missing (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="experiment folder (default: runs/experiment-NAME)")
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face encoder directory (default: the packaged all-MiniLM-L6-v2)")
@@ -610,7 +611,7 @@ def add_experiment_parser(sub) -> None:
                    help=f"settings only: federated rounds of one local epoch (default {DEFAULT_ROUNDS})")
     p.add_argument("--epsilon", type=float, default=None,
                    help="settings only: per-site privacy budget of the federated arm (default inf: no DP)")
-    p.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
+    p.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=200,
                    help="bootstrap resamples for the 95%% CIs of central and baseline arms (default 200)")
 
