@@ -83,7 +83,11 @@ def score_saved_predictions(files: list[Path], data_dir: Path, bootstrap: int = 
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
-    """Write summary.json atomically: a reader never sees half a file."""
+    """Write summary.json atomically (a reader never sees half a file), with its `provenance` block."""
+    from common.provenance import provenance
+
+    # a summary re-written later (an experiment adding baselines) keeps the provenance of the run that made it
+    summary.setdefault("provenance", provenance())
     return atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
 
 

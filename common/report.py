@@ -206,6 +206,21 @@ def _settings(config: dict) -> list[str]:
     return ["## Settings", "", *markdown_table(["setting", "value"], rows)] if rows else []
 
 
+def _provenance(summary: dict) -> list[str]:
+    """The code, libraries, machine and date that made the run (summary.json's `provenance`), in one line."""
+    p = summary.get("provenance")
+    if not isinstance(p, dict):
+        return []
+    commit = p.get("git_commit")
+    code = f"edfed {p.get('edfed')}" + (f", commit {commit[:12]}" if commit else ", not from a git checkout")
+    if p.get("git_dirty"):
+        code += " with uncommitted changes"
+    libraries = ", ".join(f"{k} {v}" for k, v in (p.get("packages") or {}).items() if v)
+    return ["## Provenance", "",
+            f"{code}; Python {p.get('python')}, {libraries}; CPU {p.get('cpu')} "
+            f"(avx512_bf16 {'yes' if p.get('avx512_bf16') else 'no'}); written {p.get('date_utc')}.", ""]
+
+
 def _model_label(summary: dict) -> str:
     config = summary.get("config", {})
     if summary.get("kind") == "federated":
@@ -327,6 +342,7 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
     lines += _communication_and_time(summary)
     lines += _audit(run_dir)
     lines += _settings(config)
+    lines += _provenance(summary)
     return lines
 
 
@@ -345,7 +361,7 @@ def render_sweep(run_dir: Path, summary: dict) -> list[str]:
                   *markdown_table(["ε (budget)", "max ε spent", "attack AUROC", "TPR @ 1% FPR"], rows),
                   "The budget bounds any attacker; the attack AUROC is what one simple attacker reaches (0.5 = none).",
                   ""]
-    return lines
+    return lines + _provenance(summary)
 
 
 def _flat_rows(value: Any) -> bool:
