@@ -244,7 +244,7 @@ def _read_csv(path: Path, encoding: str | None) -> tuple[pd.DataFrame, _Decoded]
         for col in raw.columns:
             marked = raw[col].str.contains(_MARK_OPEN, regex=False).to_numpy(dtype=bool)
             if marked.any():
-                decoded.converted[str(col).strip()] = marked
+                decoded.converted[str(col).strip().replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")] = marked
                 raw[col] = raw[col].str.replace(_MARK_OPEN, "", regex=False).str.replace(_MARK_CLOSE, "",
                                                                                          regex=False)
         raw.columns = [str(c).replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "") for c in raw.columns]
@@ -446,8 +446,8 @@ def _apply_mapping(raw: pd.DataFrame, spec: SiteMapping, path: Path) -> pd.DataF
                              "already has under that name; map or rename one of them.")
         raw = raw.rename(columns=pairs)
     for col, table in spec.values.items():
-        if col not in raw.columns or not table:
-            continue
+        if col not in raw.columns or not table or pd.api.types.is_bool_dtype(raw[col].dtype):
+            continue  # a Parquet bool column is already 0/1
         text = _as_text(raw[col])
         recoded = text.str.strip().map(table)  # unmapped cells stay as they are; the contract judges them
         raw[col] = recoded.where(recoded.notna(), text).astype("string")

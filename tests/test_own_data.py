@@ -181,3 +181,17 @@ def test_mapping_paths_are_documented():
     doc = (Path(__file__).parents[1] / "docs" / "data-contract.md").read_text()
     for key in ("[columns]", "[values.sex]", "[binary_values]", "date_format", "encoding", "--encoding"):
         assert key in doc, key
+
+
+def test_recodings_leave_parquet_numbers_and_bools_alone(tmp_path):
+    site, local = hospital_export()
+    local["diabetes"] = site["diabetes"].astype(bool)  # a Parquet bool flag is already 0/1
+    local["AGE_YEARS"] = site["age"]  # numbers stay numbers
+    path = tmp_path / "site-4.parquet"
+    local.to_parquet(path, index=False)
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING_TOML)
+    df = load_site(path, mapping=mapping)
+    assert df["diabetes"].tolist() == site["diabetes"].tolist()
+    assert df["age"].tolist() == site["age"].tolist()
+    assert df["mortality_30d"].tolist() == site["mortality_30d"].tolist()
