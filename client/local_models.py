@@ -3,9 +3,12 @@
 - local-only: the site's data alone, the full model, no DP (nothing of it leaves), as many epochs as the site
   gives a federation: the level joining must beat.
 - personalized: the federation's final global model fine-tuned on the site's data.
-- deployed: what the site uses, chosen per outcome on its own validation split among the global model, the
-  personalized one, the local-only one and the mean of global and local-only risks (`edfed personalize` at a
-  deployed site, `edfed simulate --personalize` for every simulated site).
+- the site's own regressions (common.peers: structured, note TF-IDF, the two stacked), the models its
+  statistician fits in an afternoon, and the global model stacked with them (a logistic regression on the global
+  model's logit and the regressions' out-of-fold logits over the site's training rows).
+- deployed: what the site uses, chosen per outcome on its own validation split among all of the above (and the
+  mean of global and local-only risks), never a model that ranks below chance there, then recalibrated on that
+  split (`edfed personalize` at a deployed site, `edfed simulate --personalize` for every simulated site).
 
 Both train with `common.train.fit_model`, the trainer central training uses; validation picks the epoch.
 """
@@ -17,6 +20,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -59,8 +63,10 @@ def local_only_models(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
 
 
 # A site's candidates for the model it deploys, in the order that breaks ties on validation: the DP global model
-# first (nothing to train), then the cheaper changes to it.
-CANDIDATES = ("global", "personalized", "global + local-only", "local-only")
+# first (nothing to train), then the cheaper changes to it, then what the site builds alone.
+CANDIDATES = ("global", "global + regressions", "personalized", "global + local-only", "local-only",
+              "regression: stacked", "regression: structured", "regression: tfidf")
+OWN_REGRESSION = "regression: stacked"  # the site's afternoon model, the second level joining must beat
 
 
 def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
@@ -84,65 +90,155 @@ def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
 
 
 def summarize_deployment(results: dict, pairs: dict, bootstrap: int, seed: int) -> dict:
-    """{candidate: {site: metrics}} for every candidate and the deployed model, plus the paired gains."""
+    """{candidate: {site: metrics}} for every candidate and the deployed model, plus the paired gains of the
+    deployed model over each of the two a site can build alone."""
     by_model = {name: {site: r[name] for site, r in results.items()} for name in (*CANDIDATES, "deployed")}
     return {**by_model, "choices": {site: r["choices"] for site, r in results.items()},
             "gain_over_local_only": mean_paired_gain(
-                {site: (y, deployed, local) for site, (y, deployed, local) in pairs.items()}, bootstrap, seed)}
+                {site: (y, risks["deployed"], risks["local-only"]) for site, (y, risks) in pairs.items()},
+                bootstrap, seed),
+            "gain_over_own_regression": mean_paired_gain(
+                {site: (y, risks["deployed"], risks[OWN_REGRESSION]) for site, (y, risks) in pairs.items()},
+                bootstrap, seed)}
 
 
 def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir: Path, out_dir: Path,
                    start: tuple[TrainConfig, dict[str, torch.Tensor]] | None = None
-                   ) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The model one site deploys, chosen per outcome on the site's own validation split among CANDIDATES: the
-    run's DP global model, it fine-tuned at home (personalized), the site's local-only model, and the mean of
-    the global and local-only risks. All of it stays at the site: no DP is spent, nothing is sent.
+                   ) -> tuple[dict, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """The model one site deploys, chosen per outcome on the site's own validation split among CANDIDATES (the
+    run's DP global model, it fine-tuned at home, the site's local-only model, its own regressions, the global
+    model stacked with them, the mean of global and local-only risks), then recalibrated on that split. All of it
+    stays at the site: no DP is spent, nothing is sent.
 
     `start`: `personalization_start`'s result, when the caller has it (it hashes the encoder and reads the run).
     Returns ({candidate or "deployed": test metrics, "choices": {outcome: candidate}},
-    (test labels, deployed risks, local-only risks)) for the paired comparison across sites.
+    (test labels, {"deployed", "local-only", OWN_REGRESSION: test risks})) for the paired comparisons across sites.
     """
     from safetensors.torch import load_file
 
     from common.files import latest_checkpoint
+    from common.peers import fit_peers
 
     full_config, start_state = start or personalization_start(run_config, run_dir)
     local_config = local_only_config(run_config)
     tokenizer = load_tokenizer(full_config)
-    train, val, test = (rows[rows["split"] == s] for s in ("train", "val", "test"))
+    parts = {s: rows[rows["split"] == s] for s in ("train", "val", "test")}
     models = {"global": build_model(train_config_from(run_config), load_file(latest_checkpoint(run_dir))),
-              "personalized": fit_model(full_config, train, val, tokenizer, show_progress=False,
+              "personalized": fit_model(full_config, parts["train"], parts["val"], tokenizer, show_progress=False,
                                         initial_state=start_state)[0],
-              "local-only": local_only_model(local_config, train, val, tokenizer, data_dir / LOCAL_ONLY_CACHE)}
+              "local-only": local_only_model(local_config, parts["train"], parts["val"], tokenizer,
+                                             data_dir / LOCAL_ONLY_CACHE)}
+    peers = fit_peers(parts["train"], full_config.seed)
     risks, sets = {}, {}
-    for split, part in (("val", val), ("test", test)):
+    for split in ("train", "val", "test"):
         risks[split] = {}
         for name, model in models.items():
+            if split == "train" and name != "global":
+                continue  # only the stack reads training rows, and only the global model's (DP-trained) risks
             # The frozen layers' output depends on where the model's adapters start (the GLM has none): one
             # cached dataset per kind of model.
             kind = model.config.architecture
             if (split, kind) not in sets:
-                sets[split, kind] = VisitDataset(part, tokenizer, model.config)
+                sets[split, kind] = VisitDataset(parts[split], tokenizer, model.config)
                 cache_frozen_layers(model, sets[split, kind])
             risks[split][name] = predict(model, sets[split, kind])
+        if split == "train":
+            continue
         risks[split]["global + local-only"] = (risks[split]["global"] + risks[split]["local-only"]) / 2
-    sets = {split: sets[split, "full"] for split in ("val", "test")}
-    labels = {split: dataset.labels.numpy() for split, dataset in sets.items()}
-    choices, deployed = {}, np.empty_like(risks["test"]["global"])
+        regressions = peers.predict(parts[split])
+        for peer in ("tfidf", "stacked"):  # a table with no note text: the structured regression is all there is
+            regressions.setdefault(peer, regressions["structured"])
+        risks[split].update({f"regression: {p}": r for p, r in regressions.items()})
+    stack = _GlobalStack.fit(peers, risks["train"]["global"], parts["train"])
+    for split in ("val", "test"):
+        risks[split]["global + regressions"] = stack.predict(peers, risks[split]["global"], parts[split])
+    labels = {split: parts[split][list(OUTCOMES)].to_numpy(float) for split in ("val", "test")}
+    # float64: the recalibrated risks in float32 could round apart values into ties and move the ranking.
+    choices, deployed = choose(labels["val"], risks["val"]), np.empty(risks["test"]["global"].shape)
     for k, outcome in enumerate(OUTCOMES):
-        scores = {name: evaluate(labels["val"], risks["val"][name], bootstrap=0)[outcome]["auroc"]
-                  for name in CANDIDATES}
-        valid = {n: v for n, v in scores.items() if np.isfinite(v)}
-        choices[outcome] = max(valid, key=valid.get) if valid else "global"  # max keeps the first of equals
-        deployed[:, k] = risks["test"][choices[outcome]][:, k]
-    result = {name: score_test(test, labels["test"], risks["test"][name], data_dir, out_dir / name, name,
+        deployed[:, k] = recalibrate(risks["val"][choices[outcome]][:, k], labels["val"][:, k],
+                                     risks["test"][choices[outcome]][:, k])
+    result = {name: score_test(parts["test"], labels["test"], risks["test"][name], data_dir, out_dir / name, name,
                                full_config.bootstrap, full_config.seed)[0]
               for name in CANDIDATES}
-    result["deployed"] = score_test(test, labels["test"], deployed, data_dir, out_dir, "deployed",
+    result["deployed"] = score_test(parts["test"], labels["test"], deployed, data_dir, out_dir, "deployed",
                                     full_config.bootstrap, full_config.seed, out_dir / "predictions.parquet")[0]
     save_trainable_state(models["personalized"], out_dir / "personalized.safetensors")
     save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
-    return {**result, "choices": choices}, (labels["test"], deployed, risks["test"]["local-only"])
+    compared = {"deployed": deployed, "local-only": risks["test"]["local-only"],
+                OWN_REGRESSION: risks["test"][OWN_REGRESSION]}
+    return {**result, "choices": choices}, (labels["test"], compared)
+
+
+def choose(val_labels: np.ndarray, val_risks: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per outcome, the candidate of best validation AUROC (the first of equals in CANDIDATES order). A model that
+    ranks below chance there is never chosen; with none at or above chance, the site's own stacked regression."""
+    choices = {}
+    for outcome in OUTCOMES:
+        scores = {name: evaluate(val_labels, val_risks[name], bootstrap=0)[outcome]["auroc"]
+                  for name in CANDIDATES if name in val_risks}
+        valid = {n: v for n, v in scores.items() if np.isfinite(v) and v >= 0.5}
+        choices[outcome] = max(valid, key=valid.get) if valid else OWN_REGRESSION
+    return choices
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
+def recalibrate(val_risk: np.ndarray, val_labels: np.ndarray, risk: np.ndarray) -> np.ndarray:
+    """`risk` recalibrated by a logistic fit of the validation labels on the validation logits (Platt scaling):
+    the ranking is kept (a fit that would reverse it, or one without both classes, leaves `risk` as it is)."""
+    from sklearn.linear_model import LogisticRegression
+
+    known = ~np.isnan(val_labels)
+    y = val_labels[known].astype(int)
+    if not 0 < y.sum() < len(y):
+        return risk
+    fit = LogisticRegression(C=100.0, max_iter=1000).fit(_logit(val_risk[known])[:, None], y)
+    if fit.coef_[0, 0] <= 0:
+        return risk
+    calibrated = fit.predict_proba(_logit(risk)[:, None])[:, 1]
+    # Clipping and float saturation at the extremes could tie risks that were apart: then the ranking would move.
+    order = np.argsort(risk, kind="stable")
+    if not np.array_equal(np.diff(risk[order]) > 0, np.diff(calibrated[order]) > 0):
+        return risk
+    return calibrated
+
+
+@dataclass
+class _GlobalStack:
+    """The global model's logit stacked with the site's two regressions' logits, one logistic regression per
+    outcome, fitted on the site's training rows with the regressions' out-of-fold logits (as `common.peers`
+    stacks its own two); None where an outcome has no regressions (too few events)."""
+
+    fits: dict[str, object | None]
+
+    @classmethod
+    def fit(cls, peers, global_train: np.ndarray, train: pd.DataFrame) -> _GlobalStack:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        fits = {}
+        for k, outcome in enumerate(OUTCOMES):
+            peer = peers.fits[outcome]
+            if peer.oof is None:
+                fits[outcome] = None
+                continue
+            x = np.column_stack([_logit(global_train[peer.known, k]), peer.oof])
+            y = train[outcome].to_numpy(float)[peer.known].astype(int)
+            fits[outcome] = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(x, y)
+        return cls(fits)
+
+    def predict(self, peers, global_risk: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+        logits, out = peers.logits(table), global_risk.copy()
+        for k, outcome in enumerate(OUTCOMES):
+            if self.fits[outcome] is not None:
+                x = np.column_stack([_logit(global_risk[:, k]), logits[:, k]])
+                out[:, k] = self.fits[outcome].predict_proba(x)[:, 1]
+        return out
 
 
 LOCAL_ONLY_CACHE = ".edfed-local-only"  # in the site's data folder: its own models, owner-only

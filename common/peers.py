@@ -65,6 +65,10 @@ class _OutcomeFit:
     tfidf: object | None = None
     stack: object | None = None
     c: dict[str, float] = field(default_factory=dict)
+    # The training rows' out-of-fold logits (structured, TF-IDF) where the label is known: a stack built on them
+    # (the peers' own, or a site's with its global model) never learns from a prediction made on its own row.
+    known: np.ndarray | None = None
+    oof: np.ndarray | None = None  # [known rows, 2]
 
 
 @dataclass
@@ -87,6 +91,17 @@ class FittedPeers:
         if self.calendar is not None:
             parts.append(self.calendar.transform(_calendar_days(table)))
         return self.scaler.transform(np.hstack(parts))
+
+    def logits(self, table: pd.DataFrame) -> np.ndarray:
+        """[n, 3 outcomes, 2]: the structured and TF-IDF regressions' logits (NaN where an outcome has no fit)."""
+        xs = self._structured(table)
+        xt = self.vectorizer.transform(note_text(table)) if self.vectorizer is not None else None
+        out = np.full((len(table), len(OUTCOMES), 2), np.nan)
+        for k, outcome in enumerate(OUTCOMES):
+            fit = self.fits[outcome]
+            if fit.structured is not None and xt is not None:
+                out[:, k] = np.column_stack([fit.structured.decision_function(xs), fit.tfidf.decision_function(xt)])
+        return out
 
     def predict(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
         """{peer: [n, 3] predicted risks} for the rows of `table`, outcomes in OUTCOMES order."""
@@ -224,8 +239,8 @@ def _fit_peers(train: pd.DataFrame, seed: int) -> FittedPeers:
             fit.tfidf, fit.c["tfidf"], oof_t = _fit_cv(xt_all[known], y, folds, seed)
         # Standardised first: a peer chosen at a strong penalty has logits of tiny spread, and an L2 stacker on raw
         # logits would then drop it however well it ranks.
-        fit.stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=MAX_ITER)).fit(
-            np.column_stack([oof_s, oof_t]), y)
+        fit.known, fit.oof = np.flatnonzero(known), np.column_stack([oof_s, oof_t])
+        fit.stack = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=MAX_ITER)).fit(fit.oof, y)
     peers.seconds = time.perf_counter() - started
     return peers
 

@@ -147,14 +147,26 @@ def print_federated(summary: dict, console: Console) -> None:
     console.print(table)
     if summary.get("peers"):
         print_peers(summary["final"], summary["peers"], console, "federated model", summary.get("per_site"))
-    privacy = Table(title="per-site privacy (at each site's privacy unit, RDP accountant)")
-    for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "refused rounds"):
+    privacy = Table(title="per-site privacy (at each site's privacy unit)")
+    for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "accountant",
+                "refused rounds"):
         privacy.add_column(col)
     for site, p in summary["privacy"].items():
         privacy.add_row(site, f"{p['epsilon']:.3f}", f"{p['budget']}", f"{p['delta']:g}",
                         f"{p['noise_multiplier']:.3f}", f"{(p['sample_rate'] or 0):.4f}", str(p["steps"]),
-                        str(p["refused_rounds"]))
+                        str(p.get("accountant", "")), str(p["refused_rounds"]))
     console.print(privacy)
+    deployment = summary.get("deployment")
+    if deployment:
+        gains = Table(title="each site's deployed model against what it can build alone "
+                            "(mean over sites of the AUROC gain on its own test visits, paired 95% interval)")
+        for col in ("outcome", "deployed - local-only", "deployed - own stacked regression"):
+            gains.add_column(col)
+        for outcome in OUTCOMES:
+            cells = [deployment[key].get(outcome) for key in ("gain_over_local_only", "gain_over_own_regression")]
+            gains.add_row(outcome, *(f"{g['mean_gain']:+.3f} ({g['mean_gain_ci'][0]:+.3f}, {g['mean_gain_ci'][1]:+.3f})"
+                                     if g else "" for g in cells))
+        console.print(gains)
     comm = summary["communication"]
     console.print(f"sent per site per round: {comm['bytes_sent_per_client_round']:,} bytes "
                   f"({100 * comm['share_of_full_model']:.2f}% of the full model's {comm['full_model_bytes']:,})")

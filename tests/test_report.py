@@ -85,12 +85,15 @@ def test_small_cells_are_suppressed_and_subgroups_rendered(tmp_path):
         "deployment": {
             **{c: {"site-3": {"mortality_30d": _metrics(0.701 + k / 100, 200, 3),
                               "safe_discharge": _metrics(0.801 + k / 100, 200, 80)}}
-               for k, c in enumerate(("local-only", "global", "personalized", "global + local-only"))},
+               for k, c in enumerate(("local-only", "global", "personalized", "global + local-only",
+                                      "regression: stacked", "global + regressions"))},
             "deployed": {"site-3": {"mortality_30d": _metrics(0.765, 200, 3),
                                     "safe_discharge": _metrics(0.834, 200, 80)}},
             "choices": {"site-3": {"mortality_30d": "global", "safe_discharge": "personalized"}},
             "gain_over_local_only": {"safe_discharge": {"mean_gain": 0.0123, "mean_gain_ci": [-0.004, 0.027],
-                                                        "sites": 6}}},
+                                                        "sites": 6}},
+            "gain_over_own_regression": {"safe_discharge": {"mean_gain": 0.0071, "mean_gain_ci": [-0.009, 0.021],
+                                                            "sites": 6}}},
         "subgroups": {"sex": {"female": {"mortality_30d": _metrics(0.821, 600, 70)},
                               "male": {"mortality_30d": _metrics(0.699, 40, 4)}},
                       "age band": {"80+": {"safe_discharge": _metrics(0.688, 300, 120)}}},
@@ -107,10 +110,13 @@ def test_small_cells_are_suppressed_and_subgroups_rendered(tmp_path):
     for site, outcome in (("site-1", "mortality_30d"), ("site-1", "readmission_30d"), ("site-2", "mortality_30d")):
         assert _row(report, site, outcome, SUPPRESSED)
     assert "0.777" not in report and "0.733" not in report and "0.744" not in report and "0.765" not in report
-    assert "## Each site's deployed model against its local-only model" in report
-    assert _row(report, "site-3", "safe_discharge", "0.834", "personalized", "0.801", "0.811", "0.821", "0.831")
+    assert "## Each site's deployed model against what it can build alone" in report
+    # deployed, chosen, local-only, own stacked regression, then global, global + regressions, personalized
+    assert _row(report, "site-3", "safe_discharge", "0.834", "personalized", "0.801", "0.841", "0.811", "0.851",
+                "0.821")
     assert _row(report, "site-3", "mortality_30d", SUPPRESSED) and "0.701" not in report
-    assert _row(report, "safe_discharge", "0.012", "[-0.004, 0.027]", "6")
+    assert _row(report, "deployed - local-only", "safe_discharge", "0.012", "[-0.004, 0.027]", "6")
+    assert _row(report, "deployed - own stacked regression", "safe_discharge", "0.007", "[-0.009, 0.021]", "6")
     assert _row(report, "female", "mortality_30d", "0.821 (0.759–0.879)") and "0.699" not in report
     assert _row(report, "male", "mortality_30d", SUPPRESSED) and "0.688 (" in _row(report, "80+", "safe_discharge")
     assert "### sex" in report and "### age band" in report
