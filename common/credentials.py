@@ -101,14 +101,7 @@ def site_key(name: str, out: Path) -> tuple[Path, Path]:
     """A site's EC P-384 key pair: `<name>.key` (private, OpenSSH, 0600) and `<name>.pub` (public)."""
     if not name or any(ch in name for ch in "/\\ \t"):
         raise EdfedError(f"site name {name!r}: use letters, digits, '-' or '_' (it names the key files)")
-    tmp = _fresh_folder(out, [f"{name}.key", f"{name}.pub"])
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write(tmp / f"{name}.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                  serialization.NoEncryption()), private=True)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(tmp / f"{name}.pub", public + f" {name}\n".encode())
-    _move_into(tmp, out)
-    return out / f"{name}.key", out / f"{name}.pub"
+    return _key_pair(out, name, ec.generate_private_key(ec.SECP384R1()), serialization.PrivateFormat.OpenSSH, name)
 
 
 def superexec_secret(path: Path) -> Path:
@@ -118,3 +111,24 @@ def superexec_secret(path: Path) -> Path:
         raise EdfedError(f"{path} already exists; refusing to overwrite a SuperExec secret")
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, secrets.token_hex(32))
+
+
+def ed25519_key_pair(out: Path, name: str) -> tuple[Path, Path]:
+    """An Ed25519 signing key pair: `OUT/NAME.key` (PKCS#8 PEM, 0600) and `OUT/NAME.pub` (OpenSSH, comment
+    `edfed-NAME`), written whole or not at all. The consortium's release key and the coordinator's message key."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return _key_pair(out, name, ed25519.Ed25519PrivateKey.generate(), serialization.PrivateFormat.PKCS8,
+                     f"edfed-{name}")
+
+
+def _key_pair(out: Path, name: str, key, private_format: serialization.PrivateFormat,
+              comment: str) -> tuple[Path, Path]:
+    """`OUT/NAME.key` (private, PEM, 0600) and `OUT/NAME.pub` (OpenSSH `comment`), both or neither."""
+    tmp = _fresh_folder(out, [f"{name}.key", f"{name}.pub"])
+    _write(tmp / f"{name}.key", key.private_bytes(serialization.Encoding.PEM, private_format,
+                                                  serialization.NoEncryption()), private=True)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(tmp / f"{name}.pub", public + f" {comment}\n".encode())
+    _move_into(tmp, out)
+    return out / f"{name}.key", out / f"{name}.pub"

@@ -93,16 +93,9 @@ def fab_version(fab: bytes, what: str = "FAB") -> str:
 
 def consortium_key(out: Path) -> tuple[Path, Path]:
     """The consortium's Ed25519 signing key: `consortium.key` (PKCS#8 PEM, 0600) and `consortium.pub` (OpenSSH)."""
-    from common.credentials import _fresh_folder, _move_into, _write
+    from common.credentials import ed25519_key_pair
 
-    tmp = _fresh_folder(out, ["consortium.key", "consortium.pub"])
-    key = ed25519.Ed25519PrivateKey.generate()
-    _write(tmp / "consortium.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()), private=True)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(tmp / "consortium.pub", public + b" edfed-consortium\n")
-    _move_into(tmp, out)
-    return out / "consortium.key", out / "consortium.pub"
+    return ed25519_key_pair(out, "consortium")
 
 
 def build_release(app: Path, out: Path) -> tuple[Path, Path]:

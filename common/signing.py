@@ -224,16 +224,9 @@ def reply_problem(reply: Message, instruction: Message | None, public: ec.Ellipt
 def coordinator_key(out: Path) -> tuple[Path, Path]:
     """The coordinator's Ed25519 signing key: `coordinator.key` (PKCS#8 PEM, 0600) and `coordinator.pub`
     (OpenSSH, for every site's trust file or node config)."""
-    from common.credentials import _fresh_folder, _move_into, _write
+    from common.credentials import ed25519_key_pair
 
-    tmp = _fresh_folder(out, ["coordinator.key", "coordinator.pub"])
-    key = ed25519.Ed25519PrivateKey.generate()
-    _write(tmp / "coordinator.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()), private=True)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(tmp / "coordinator.pub", public + b" edfed-coordinator\n")
-    _move_into(tmp, out)
-    return out / "coordinator.key", out / "coordinator.pub"
+    return ed25519_key_pair(out, "coordinator")
 
 
 def load_coordinator_key(path: Path) -> ed25519.Ed25519PrivateKey:
