@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = deploy.add_parser("init", help="coordinator: a CA and the SuperLink's TLS certificate")
     init.add_argument("--out", type=Path, default=Path("credentials"), help="folder for ca.crt, server.pem, server.key")
     init.add_argument("--host", action="append", default=None,
-                      help="a name or IP the SuperLink is reached at (repeat; default: localhost and 127.0.0.1)")
+                      help="a public name or IP the hospitals reach the coordinator at (repeat); localhost and "
+                           "127.0.0.1, where nginx and the operator reach the SuperLink, are always added "
+                           "(default: only those)")
     key = deploy.add_parser("site-key", help="site: an EC P-384 key pair for SuperNode authentication")
     key.add_argument("name", help="the site's name, e.g. ed-site-1")
     key.add_argument("--out", type=Path, default=Path("credentials"), help="folder for the site's key pair")
@@ -276,6 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the folder `edfed deploy init` wrote (ca.crt, server.pem, server.key)")
     proxy.add_argument("--upstream-name", default="localhost",
                        help="name checked in the SuperLink's certificate (one of init's --host)")
+    units = deploy.add_parser("units", help="systemd units for `edfed site start` / `edfed coordinator start`")
+    units.add_argument("--out", type=Path, required=True,
+                       help="folder for edfed-site.service / edfed-coordinator.service")
+    units.add_argument("--site-config", type=Path, default=None,
+                       help="the site.toml the site's unit starts (default: no site unit)")
+    units.add_argument("--coordinator-config", type=Path, default=None,
+                       help="the coordinator.toml the coordinator's unit starts (default: no coordinator unit)")
+    units.add_argument("--user", default="edfed", help="the user each service runs as")
+    for party, what in (("site", "a hospital: its SuperNode and SuperExec (the runner in place)"),
+                        ("coordinator", "the coordinator: SuperLink on loopback, its SuperExec, nginx")):
+        sp = sub.add_parser(party, help=f"{what}, from one TOML file (docs/deployment.md)")
+        actions = sp.add_subparsers(dest="action", required=True)
+        for action, text in (("check", "check the whole configuration, start nothing (exit 2 naming every problem)"),
+                             ("start", "check, then start and supervise the processes until SIGTERM"),
+                             ("status", "what runs, whether the other side answers, certificate expiry")):
+            ap = actions.add_parser(action, help=text)
+            ap.add_argument("--config", type=Path, required=True, help=f"the {party}.toml")
+        if party == "coordinator":
+            add = actions.add_parser("add-site", help="register a hospital's SuperNode key and keep its .pub")
+            add.add_argument("--config", type=Path, required=True, help="the coordinator.toml")
+            add.add_argument("name", help="the site's name, e.g. ed-site-3")
+            add.add_argument("public_key", type=Path, help="the site's ed-site-K.pub")
+            rm = actions.add_parser("remove-site", help="unregister a hospital's node and drop its .pub")
+            rm.add_argument("--config", type=Path, required=True, help="the coordinator.toml")
+            rm.add_argument("name", help="the site's name, as given to add-site")
+            rm.add_argument("node_id", help="its node id (`edfed coordinator status` lists them)")
     release = sub.add_parser("release", help="signed edfed releases").add_subparsers(dest="action", required=True)
     rbuild = release.add_parser("build", help="flwr build the app into OUT: the FAB and its .sha256")
     rbuild.add_argument("--app", type=Path, default=Path("."), help="edfed source folder (default .)")
@@ -339,6 +367,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         _deploy(args)
     elif args.command == "release":
         _release(args)
+    elif args.command in ("site", "coordinator"):
+        _party(args)
     elif args.command == "simulate":
         from simulations.federated import run_simulate
 
@@ -365,7 +395,7 @@ def _deploy(args: argparse.Namespace) -> None:
     from common.credentials import init_coordinator, site_key, superexec_secret
 
     if args.action == "init":
-        written = init_coordinator(args.out, args.host or ["localhost", "127.0.0.1"])
+        written = init_coordinator(args.out, args.host or [])
     elif args.action == "site-key":
         written = site_key(args.name, args.out)
     elif args.action == "consortium-key":
@@ -381,6 +411,10 @@ def _deploy(args: argparse.Namespace) -> None:
         print(f"coordinator key id {key_id(public)} (each site checks it by phone before it lists coordinator.pub)")
     elif args.action == "superexec-secret":
         written = [superexec_secret(args.file)]
+    elif args.action == "units":
+        from common.supervisor import write_units
+
+        written = write_units(args.out, args.site_config, args.coordinator_config, args.user)
     elif args.action == "site-runner":
         from client.runner import TOKEN_WARNING, proc_hides_processes
         from common.release import write_site_runner
@@ -397,8 +431,33 @@ def _deploy(args: argparse.Namespace) -> None:
         creds = args.credentials
         written = write_proxy_config(args.out, args.listen, creds / "server.pem", creds / "server.key",
                                      creds / "ca.crt", args.superlink, args.upstream_name)
-    private = " (private keys and secrets owner-only)" if args.action != "proxy-config" else ""
+    private = " (private keys and secrets owner-only)" if args.action not in ("proxy-config", "units") else ""
     print("wrote " + ", ".join(str(p) for p in written) + private)
+
+
+def _party(args: argparse.Namespace) -> None:
+    if args.command == "site":
+        from client import service as party
+
+        check, start, status = party.site_check, party.site_start, party.site_status
+    else:
+        from server import service as party
+
+        check, start, status = party.coordinator_check, party.coordinator_start, party.coordinator_status
+    if args.action == "check":
+        check(args.config)
+        print(f"{args.config}: every check passed")
+    elif args.action == "start":
+        start(args.config)
+    elif args.action == "status":
+        lines, healthy = status(args.config)
+        print("\n".join(lines))
+        if not healthy:
+            raise SystemExit(1)
+    elif args.action == "add-site":
+        print(party.add_site(args.config, args.name, args.public_key))
+    else:
+        print(party.remove_site(args.config, args.node_id, args.name))
 
 
 def _release(args: argparse.Namespace) -> None:

@@ -24,6 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.errors import EdfedError
 from common.files import atomic_write_text
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")  # where the coordinator's own nginx and flwr reach the SuperLink
+
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.write_bytes(data)
@@ -56,9 +58,9 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 
 def init_coordinator(out: Path, hosts: list[str], days: int = 825) -> list[Path]:
-    """A certificate authority and the SuperLink's certificate for `hosts` (names or IP addresses)."""
-    if not hosts:
-        raise EdfedError("give at least one --host the SuperLink will be reached at (e.g. localhost)")
+    """A certificate authority and the SuperLink's certificate for `hosts` (names or IP addresses) and the
+    loopback names, always: nginx checks `localhost` and the operator's `flwr` dials 127.0.0.1."""
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     names = ["ca.crt", "ca.key", "server.pem", "server.key"]
     tmp = _fresh_folder(out, names)
     now = dt.datetime.now(dt.UTC)

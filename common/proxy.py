@@ -82,6 +82,15 @@ def write_proxy_config(out: Path, listen: str, cert: Path, key: Path, ca: Path, 
     for what, path in (("--ssl-certfile", cert), ("--ssl-keyfile", key), ("--ssl-ca-certfile", ca)):
         if not path.is_file():
             raise EdfedError(f"{what} {path}: no such file")
+    from common.supervisor import Problems, certificate_names, has_name, load_certificate
+
+    problems = Problems()
+    found = load_certificate(cert, "--ssl-certfile", problems)
+    problems.raise_if_any("proxy-config", "nothing was written")
+    if not has_name(found, upstream_name):  # else nginx answers every SuperNode with 502 Bad Gateway
+        raise EdfedError(f"{cert} does not hold the name {upstream_name!r} nginx will check (--upstream-name); it "
+                         f"holds {', '.join(certificate_names(found)) or 'none'}: issue it with `edfed deploy init`, "
+                         "which always adds localhost and 127.0.0.1")
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):

@@ -259,23 +259,36 @@ TASK_COMMANDS = ("flwr-clientapp", "flwr-agentapp", "flwr-model", "flwr-connecto
 def write_site_runner(out: Path, keys: list[Path], min_version: str,
                       coordinator_keys: list[Path] | None = None) -> list[Path]:
     """OUT/trust.toml and OUT/bin/<flwr task commands>: shims that start `edfed-clientapp` in its place."""
+    out = out.expanduser().resolve()
+    _runner_path(out)  # before anything is written
+    trust = write_trust(out / "trust.toml", keys, min_version, coordinator_keys)
+    return [trust, *write_runner_shims(out / "bin", trust)]
+
+
+def _runner_path(where: Path) -> Path:
     runner = Path(sys.executable).parent / "edfed-clientapp"
     if not runner.exists():
         raise EdfedError(f"{runner} is missing: reinstall edfed (`bash install.sh`) so its console scripts exist")
-    out = out.expanduser().resolve()
-    if "'" in str(out) or "'" in str(runner):
-        raise EdfedError(f"{out}: choose a folder without a quote (') in its path; it is written into shell scripts")
-    trust = write_trust(out / "trust.toml", keys, min_version, coordinator_keys)
-    bin_dir = out / "bin"
-    tmp = out / f".bin.tmp-{os.getpid()}"
+    if "'" in str(where) or "'" in str(runner):
+        raise EdfedError(f"{where}: choose a folder without a quote (') in its path; it is written into shell scripts")
+    return runner
+
+
+def write_runner_shims(bin_dir: Path, trust: Path) -> list[Path]:
+    """BIN_DIR/<flwr task commands>: the ClientApp's runs `edfed-clientapp --trust TRUST`, the others refuse.
+    `edfed site start` writes them at every start, from the site's configured trust file."""
+    bin_dir, trust = bin_dir.expanduser().resolve(), trust.expanduser().resolve()
+    runner = _runner_path(bin_dir)
+    _runner_path(trust)
+    tmp = bin_dir.parent / f".{bin_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for command in TASK_COMMANDS:
         mode = f"--trust '{trust}'" if command == "flwr-clientapp" else f"--refuse {command}"
         (tmp / command).write_text(
-            "#!/bin/sh\n# Written by `edfed deploy site-runner`: this site's SuperExec starts this instead of "
+            "#!/bin/sh\n# Written by edfed (site runner): this site's SuperExec starts this instead of "
             f"Flower's {command}.\nexec '{runner}' {mode} \"$@\"\n")
         os.chmod(tmp / command, 0o755)
     shutil.rmtree(bin_dir, ignore_errors=True)
     os.replace(tmp, bin_dir)  # a folder swap, not a file write: every shim is replaced at once
-    return [trust, *(bin_dir / c for c in TASK_COMMANDS)]
+    return [bin_dir / c for c in TASK_COMMANDS]

@@ -15,13 +15,14 @@ from common.credentials import init_coordinator, site_key
 from common.errors import EdfedError
 
 
-def test_coordinator_certificate_is_signed_by_the_ca_for_its_hosts(tmp_path):
-    ca_crt, ca_key, server_pem, server_key = init_coordinator(tmp_path, ["ed-hub.example.org", "127.0.0.1"])
+def test_coordinator_certificate_is_signed_by_the_ca_for_its_hosts_and_the_loopback_names(tmp_path):
+    # Only the public name given: nginx (localhost) and the operator's flwr (127.0.0.1) must still be accepted.
+    ca_crt, ca_key, server_pem, server_key = init_coordinator(tmp_path, ["ed-hub.example.org"])
     ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     server = x509.load_pem_x509_certificate(server_pem.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["ed-hub.example.org"]
+    assert names.get_values_for_type(x509.DNSName) == ["ed-hub.example.org", "localhost"]
     assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     for private in (ca_key, server_key):
