@@ -221,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
     pers.add_argument("--out", type=Path, default=None, help="output folder (default: runs/personalized-<site>-<time>)")
     _add_precision_flag(pers)
+    pred_help = ("each visit's three risks (30-day mortality, safe discharge, 30-day readmission) from the model a "
+                 "site deployed, or a run's global model; the same numbers as edfed.load_model(...).predict_proba")
+    pred = sub.add_parser("predict", help=pred_help, description=pred_help)
+    pred.add_argument("model_dir", type=Path, metavar="MODEL_DIR",
+                      help="a deployed model's folder (config.json, model.safetensors) or a run folder (run.json, "
+                           "checkpoints/)")
+    pred.add_argument("--data", type=Path, required=True,
+                      help="the visits to score: a site table (docs/data-contract.md; outcome columns not needed)")
+    pred.add_argument("--mapping", type=Path, default=None,
+                      help="the site's mapping file (docs/data-contract.md; default: none, the contract's names)")
+    pred.add_argument("--encoding", default=None, help="the CSV's text encoding (default: detected)")
+    pred.add_argument("--model", type=Path, default=None,
+                      help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
+    pred.add_argument("--out", type=Path, required=True,
+                      help="the CSV to write: visit_id and one risk column per outcome (owner-only)")
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
@@ -377,6 +392,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from client.local_models import run_personalize
 
         run_personalize(args)
+    elif args.command == "predict":
+        from client.predict import run_predict
+
+        run_predict(args)
     elif args.command == "privacy-sweep":
         from simulations.sweep import run_sweep
 

@@ -598,7 +598,10 @@ def _blank_bad_notes(df: pd.DataFrame, col: str, warnings: list[str], problems: 
 
 
 def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str], spec: SiteMapping | None = None,
-              converted: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+              converted: dict[str, np.ndarray] | None = None, labels: bool = True) -> pd.DataFrame:
+    # labels=False: new visits to predict, whose outcomes are not known yet (a label given must still be 0/1)
+    required_cols = REQUIRED_COLUMNS if labels else tuple(c for c in REQUIRED_COLUMNS if c not in OUTCOMES)
+    required_values = _REQUIRED_VALUES if labels else tuple(c for c in _REQUIRED_VALUES if c not in OUTCOMES)
     def name(col: str) -> str:  # a mapped column is named both ways
         return f"column '{col}' (site column '{renamed[col]}')" if col in renamed else f"column '{col}'"
 
@@ -618,7 +621,7 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str], spec: SiteM
     doubled = sorted(set(pd.Index(cols)[pd.Index(cols).duplicated()]))
     for col in doubled:
         problems.add(f"{name(col)}: appears more than once in the header")
-    missing_cols = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing_cols = [c for c in required_cols if c not in df.columns]
     if missing_cols:
         hint = ""
         if len(cols) == 1 and (";" in cols[0] or "\t" in cols[0]):
@@ -697,10 +700,10 @@ def _validate(df: pd.DataFrame, path: Path, renamed: dict[str, str], spec: SiteM
         vals, miss, bad = _as_number(df[col])
         not01 = ~miss & ~np.isin(vals, (0.0, 1.0))
         kind = "flag" if col in FLAG_COLUMNS else "label"
-        if col in _REQUIRED_VALUES:
+        if col in required_values:
             problems.add_rows(name(col), "missing required label (must be 0 or 1 on every row)",
                               miss, show_values=False)
-        allowed = "0, 1 or empty" if col not in _REQUIRED_VALUES else "0 or 1"
+        allowed = "0, 1 or empty" if col not in required_values else "0 or 1"
         hint = recode_hint(col, "[binary_values] (e.g. yes = 1, no = 0)")
         problems.add_rows(name(col), f"{kind} not 0/1 (allowed: {allowed}{hint})", not01,
                           _as_text(df[col]).to_numpy(dtype=object, na_value=None))
@@ -750,8 +753,8 @@ def _raise(path: Path, problems: _Problems) -> None:
     raise EdfedError(text(str(path), problems.items), offsite=text(path.name, problems.offsite))
 
 
-def load_site(path: Path | str, mapping: Path | str | dict | SiteMapping | None = None,
-              encoding: str | None = None) -> pd.DataFrame:
+def load_site(path: Path | str | pd.DataFrame, mapping: Path | str | dict | SiteMapping | None = None,
+              encoding: str | None = None, labels: bool = True) -> pd.DataFrame:
     """Read, map and validate one site table; the clean frame (contract dtypes) or an `EdfedError`.
 
     `mapping`: a mapping file (TOML, JSON or CSV; docs/data-contract.md) or its dict. `encoding`: the CSV's
@@ -759,20 +762,24 @@ def load_site(path: Path | str, mapping: Path | str | dict | SiteMapping | None 
     absent optional column is all-missing), in the contract's order, followed by any extra columns as read.
     `attrs["warnings"]` lists row-level problems that did not stop the load (e.g. text read as cp1252);
     `attrs["source"]` is the path, `attrs["encoding"]` how a CSV's text was read.
+
+    `path` may also be a table already read (a DataFrame, named "table" in messages), as the Python API takes it.
+    `labels=False`: visits to predict, whose outcome columns may be absent or empty.
     """
-    path = Path(path)
+    table = path if isinstance(path, pd.DataFrame) else None
+    path = Path("table") if table is not None else Path(path)
     spec = _load_mapping(mapping, path)
     if encoding:
         try:
             codecs.lookup(encoding)
         except LookupError:
             raise EdfedError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, cp1252, utf-16).") from None
-    raw, decoded = _read_raw(path, encoding or spec.encoding)
+    raw, decoded = (table.copy(), None) if table is not None else _read_raw(path, encoding or spec.encoding)
     raw.columns = [str(c).strip().lstrip("\ufeff") for c in raw.columns]
     raw = _apply_mapping(raw, spec, path)
     renamed = {v: k for k, v in spec.columns.items() if k != v}
     converted = {spec.columns.get(c, c): rows for c, rows in decoded.converted.items()} if decoded else {}
-    clean = _validate(raw, path, renamed, spec, converted)
+    clean = _validate(raw, path, renamed, spec, converted, labels)
     if decoded:
         clean.attrs["encoding"] = decoded.encoding
         if decoded.notice:
