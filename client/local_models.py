@@ -6,9 +6,10 @@
 - the site's own regressions (common.peers: structured, note TF-IDF, the two stacked), the models its
   statistician fits in an afternoon, and the global model stacked with them (a logistic regression on the global
   model's logit and the regressions' out-of-fold logits over the site's training rows).
-- deployed: what the site uses, chosen per outcome on its own validation split among all of the above (and the
-  mean of global and local-only risks), never a model that ranks below chance there, then recalibrated on that
-  split (`edfed personalize` at a deployed site, `edfed simulate --personalize` for every simulated site).
+- deployed: what the site uses, per outcome a blend of the global model stacked with its regressions and its
+  local-only model (`deployment_recipes`), never with a part that ranks below chance on its validation split,
+  recalibrated there (`edfed personalize` at a deployed site, `edfed simulate --personalize` for every simulated
+  site). Every other candidate is scored beside it on the same test rows.
 
 Both train with `common.train.fit_model`, the trainer central training uses; validation picks the epoch.
 """
@@ -37,7 +38,7 @@ from common.evaluation import evaluate_on_test, score_test, write_summary
 from common.exchange import frozen_init_fingerprint
 from common.features import load_tokenizer
 from common.files import private_dir
-from common.metrics import evaluate, mean_paired_gain
+from common.metrics import mean_paired_gain
 from common.model import build_model
 from common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
 
@@ -62,8 +63,7 @@ def local_only_models(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
     return fit_site_models(config, load_cohort(data_dir, config.seed), data_dir, out_dir, "local-only")
 
 
-# A site's candidates for the model it deploys, in the order that breaks ties on validation: the DP global model
-# first (nothing to train), then the cheaper changes to it, then what the site builds alone.
+# Everything a site holds after a run, each scored on its test rows beside the deployed blend of two of them.
 CANDIDATES = ("global", "global + regressions", "personalized", "global + local-only", "local-only",
               "regression: stacked", "regression: structured", "regression: tfidf")
 OWN_REGRESSION = "regression: stacked"  # the site's afternoon model, the second level joining must beat
@@ -94,6 +94,7 @@ def summarize_deployment(results: dict, pairs: dict, bootstrap: int, seed: int) 
     deployed model over each of the two a site can build alone."""
     by_model = {name: {site: r[name] for site, r in results.items()} for name in (*CANDIDATES, "deployed")}
     return {**by_model, "choices": {site: r["choices"] for site, r in results.items()},
+            "recipes": {site: r["recipes"] for site, r in results.items()},
             "gain_over_local_only": mean_paired_gain(
                 {site: (y, risks["deployed"], risks["local-only"]) for site, (y, risks) in pairs.items()},
                 bootstrap, seed),
@@ -105,13 +106,14 @@ def summarize_deployment(results: dict, pairs: dict, bootstrap: int, seed: int) 
 def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir: Path, out_dir: Path,
                    start: tuple[TrainConfig, dict[str, torch.Tensor]] | None = None
                    ) -> tuple[dict, tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """The model one site deploys, chosen per outcome on the site's own validation split among CANDIDATES (the
-    run's DP global model, it fine-tuned at home, the site's local-only model, its own regressions, the global
-    model stacked with them, the mean of global and local-only risks), then recalibrated on that split. All of it
-    stays at the site: no DP is spent, nothing is sent.
+    """The model one site deploys (`deployment_recipes`, `blend`), and every one of CANDIDATES scored beside it:
+    the run's DP global model, it fine-tuned at home, the site's local-only model, its own regressions, the global
+    model stacked with them, the mean of global and local-only risks. All of it stays at the site: no DP is spent,
+    nothing is sent.
 
     `start`: `personalization_start`'s result, when the caller has it (it hashes the encoder and reads the run).
-    Returns ({candidate or "deployed": test metrics, "choices": {outcome: candidate}},
+    Returns ({candidate or "deployed": test metrics, "recipes": {outcome: {candidate: weight}}, "choices": the
+    recipes in words},
     (test labels, {"deployed", "local-only", OWN_REGRESSION: test risks})) for the paired comparisons across sites.
     """
     from safetensors.torch import load_file
@@ -153,11 +155,8 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     for split in ("val", "test"):
         risks[split]["global + regressions"] = stack.predict(peers, risks[split]["global"], parts[split])
     labels = {split: parts[split][list(OUTCOMES)].to_numpy(float) for split in ("val", "test")}
-    # float64: the recalibrated risks in float32 could round apart values into ties and move the ranking.
-    choices, deployed = choose(labels["val"], risks["val"]), np.empty(risks["test"]["global"].shape)
-    for k, outcome in enumerate(OUTCOMES):
-        deployed[:, k] = recalibrate(risks["val"][choices[outcome]][:, k], labels["val"][:, k],
-                                     risks["test"][choices[outcome]][:, k])
+    recipes = deployment_recipes(labels["val"], risks["val"])
+    deployed = blend(recipes, labels["val"], risks["val"], risks["test"])
     result = {name: score_test(parts["test"], labels["test"], risks["test"][name], data_dir, out_dir / name, name,
                                full_config.bootstrap, full_config.seed)[0]
               for name in CANDIDATES}
@@ -167,19 +166,65 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
     compared = {"deployed": deployed, "local-only": risks["test"]["local-only"],
                 OWN_REGRESSION: risks["test"][OWN_REGRESSION]}
-    return {**result, "choices": choices}, (labels["test"], compared)
+    return ({**result, "choices": {o: describe(r) for o, r in recipes.items()}, "recipes": recipes},
+            (labels["test"], compared))
 
 
-def choose(val_labels: np.ndarray, val_risks: dict[str, np.ndarray]) -> dict[str, str]:
-    """Per outcome, the candidate of best validation AUROC (the first of equals in CANDIDATES order). A model that
-    ranks below chance there is never chosen; with none at or above chance, the site's own stacked regression."""
-    choices = {}
-    for outcome in OUTCOMES:
-        scores = {name: evaluate(val_labels, val_risks[name], bootstrap=0)[outcome]["auroc"]
-                  for name in CANDIDATES if name in val_risks}
-        valid = {n: v for n, v in scores.items() if np.isfinite(v) and v >= 0.5}
-        choices[outcome] = max(valid, key=valid.get) if valid else OWN_REGRESSION
-    return choices
+# The site's two strongest models, each learned where it can be learned without leaning on the ~100-visit
+# validation split: the global model stacked with the site's regressions (weights fitted on the training rows'
+# out-of-fold logits), and the local-only model (its training rows are in-sample, so its weight cannot be fitted
+# there). Their standardised logits are averaged with this public weight, chosen once on the main job's pooled
+# validation split (docs/experiments.md, "The deployed model"), not per site.
+LOCAL_ONLY_WEIGHT = 0.5
+_STACKED, _LOCAL = "global + regressions", "local-only"
+
+
+def deployment_recipes(val_labels: np.ndarray, val_risks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per outcome, {candidate: weight} of the blend the site deploys. A model that ranks below chance on the
+    validation split never takes part (nor does a stack whose global model does: then the site's own stacked
+    regression stands in); with neither part at or above chance, the site's own stacked regression alone."""
+    recipes = {}
+    for k, outcome in enumerate(OUTCOMES):
+        def fair(name: str) -> bool:
+            return not _auroc(val_labels[:, k], val_risks[name][:, k]) < 0.5  # NaN (one class): nothing to judge by
+
+        stacked = _STACKED if fair("global") and fair(_STACKED) else OWN_REGRESSION
+        parts = {stacked: 1 - LOCAL_ONLY_WEIGHT, _LOCAL: LOCAL_ONLY_WEIGHT}
+        parts = {name: w for name, w in parts.items() if fair(name)} or {OWN_REGRESSION: 1.0}
+        recipes[outcome] = {name: w / sum(parts.values()) for name, w in parts.items()}
+    return recipes
+
+
+def describe(recipe: dict[str, float]) -> str:
+    """A recipe in words, for the summary and the report: "global + regressions 0.5, local-only 0.5"."""
+    return ", ".join(f"{name} {weight:.2g}" for name, weight in recipe.items())
+
+
+def blend(recipes: dict[str, dict[str, float]], val_labels: np.ndarray, val_risks: dict[str, np.ndarray],
+          risks: dict[str, np.ndarray]) -> np.ndarray:
+    """The deployed risks of the rows in `risks`: per outcome, the recipe's weighted mean of its parts' logits,
+    each scaled by its spread on the validation rows (a sharper model must not outvote the other by its scale
+    alone), then recalibrated on the validation split. float64: float32 could round apart values into ties."""
+    out = np.empty(next(iter(risks.values())).shape)
+    for k, outcome in enumerate(OUTCOMES):
+        val_z, z = np.zeros(len(val_labels)), np.zeros(len(out))
+        for name, weight in recipes[outcome].items():
+            scale = float(np.std(_logit(val_risks[name][:, k]))) or 1.0
+            val_z += weight * _logit(val_risks[name][:, k]) / scale
+            z += weight * _logit(risks[name][:, k]) / scale
+        out[:, k] = recalibrate(_sigmoid(val_z), val_labels[:, k], _sigmoid(z))
+    return out
+
+
+def _auroc(y: np.ndarray, risk: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    known = ~np.isnan(y)
+    return float(roc_auc_score(y[known], risk[known])) if 0 < y[known].sum() < known.sum() else math.nan
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -211,9 +256,11 @@ def recalibrate(val_risk: np.ndarray, val_labels: np.ndarray, risk: np.ndarray) 
 class _GlobalStack:
     """The global model's logit stacked with the site's two regressions' logits, one logistic regression per
     outcome, fitted on the site's training rows with the regressions' out-of-fold logits (as `common.peers`
-    stacks its own two); None where an outcome has no regressions (too few events)."""
+    stacks its own two); None where an outcome has no regressions (too few events). Where the fit would weigh
+    the global model's logit at or below zero (it ranks the site's rows no better than chance, or backwards once
+    the regressions are known), the stack is the regressions' alone: an inverted global model is never used."""
 
-    fits: dict[str, object | None]
+    fits: dict[str, tuple[object, bool] | None]  # outcome -> (fit, whether it reads the global model's logit)
 
     @classmethod
     def fit(cls, peers, global_train: np.ndarray, train: pd.DataFrame) -> _GlobalStack:
@@ -229,15 +276,19 @@ class _GlobalStack:
                 continue
             x = np.column_stack([_logit(global_train[peer.known, k]), peer.oof])
             y = train[outcome].to_numpy(float)[peer.known].astype(int)
-            fits[outcome] = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(x, y)
+            fit = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(x, y)
+            uses_global = fit[-1].coef_[0, 0] > 0
+            fits[outcome] = (fit if uses_global else make_pipeline(StandardScaler(), LogisticRegression(
+                C=1.0, max_iter=1000)).fit(x[:, 1:], y), uses_global)
         return cls(fits)
 
     def predict(self, peers, global_risk: np.ndarray, table: pd.DataFrame) -> np.ndarray:
         logits, out = peers.logits(table), global_risk.copy()
         for k, outcome in enumerate(OUTCOMES):
             if self.fits[outcome] is not None:
+                fit, uses_global = self.fits[outcome]
                 x = np.column_stack([_logit(global_risk[:, k]), logits[:, k]])
-                out[:, k] = self.fits[outcome].predict_proba(x)[:, 1]
+                out[:, k] = fit.predict_proba(x if uses_global else x[:, 1:])[:, 1]
         return out
 
 
@@ -308,7 +359,7 @@ def run_personalize(args: argparse.Namespace) -> dict:
     summary = {"kind": "personalized", "config": {**run_config, "global-run": str(args.run_dir.resolve())},
                "final": result["deployed"], "per_site": {name: result["deployed"]},
                **{candidate: {name: result[candidate]} for candidate in CANDIDATES},
-               "choices": {name: result["choices"]}}
+               "choices": {name: result["choices"]}, "recipes": {name: result["recipes"]}}
     write_summary(out, summary)
     console = make_console()
     choices = ", ".join(f"{outcome}: {choice}" for outcome, choice in result["choices"].items())

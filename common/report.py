@@ -279,7 +279,7 @@ def deployment_tables(deployment: dict) -> list[str]:
     regression), and the other candidates, per outcome; then the mean paired gains over sites."""
     alone = ("local-only", "regression: stacked")
     others = [c for c in ("global", "global + regressions", "personalized") if c in deployment]
-    header = ["site", "outcome", "deployed", "chosen", *alone, *others]
+    header = ["site", "outcome", "deployed", "blend of", *alone, *others]
     rows = []
     for site, outcomes in deployment.get("deployed", {}).items():
         for outcome, m in _ordered(outcomes):
@@ -295,8 +295,9 @@ def deployment_tables(deployment: dict) -> list[str]:
                    f"[{_num(g['mean_gain_ci'][0])}, {_num(g['mean_gain_ci'][1])}]", _num(g["sites"])]
                   for o, g in deployment.get(key, {}).items()]
     return ["## Each site's deployed model against what it can build alone (own test visits, AUROC)", "",
-            "Chosen per outcome on the site's own validation split and recalibrated there; none of it leaves the "
-            "site.", "", *markdown_table(header, rows),
+            "Per outcome, the global model stacked with the site's regressions, blended with its local-only model "
+            "(a part below chance on the site's validation split is left out), recalibrated there; none of it "
+            "leaves the site.", "", *markdown_table(header, rows),
             *markdown_table(["comparison", "outcome", "mean over sites", "paired 95% CI", "sites"], gains)]
 
 

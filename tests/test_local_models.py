@@ -1,5 +1,5 @@
-"""What a site deploys (issue 29): its candidates include its own regressions and the global model stacked with
-them; the choice never takes a model below chance; recalibration keeps the ranking. Fast: no encoder is trained."""
+"""What a site deploys (issue 29): a blend of the global model stacked with its own regressions and its local-only
+model; never a part below chance; recalibration keeps the ranking. Fast: no encoder is trained."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import spearmanr
 
-from client.local_models import CANDIDATES, OWN_REGRESSION, _GlobalStack, choose, recalibrate
+from client.local_models import (CANDIDATES, LOCAL_ONLY_WEIGHT, OWN_REGRESSION, _GlobalStack, blend,
+                                 deployment_recipes, recalibrate)
 from common.contract import OUTCOMES
 from common.data import load_site_splits
 from common.metrics import evaluate
@@ -44,14 +46,58 @@ def test_the_global_model_stacked_with_the_sites_regressions_beats_the_regressio
         assert ours[outcome]["auroc"] > theirs[outcome]["auroc"] + 0.005, outcome
 
 
+def _views(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Labels [n, 3] and a signal per visit that two independent noisy views of it can each see part of."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, (n, 3)).astype(float)
+    return y, y + rng.normal(0, 1.0, y.shape)
+
+
 def test_a_model_below_chance_on_validation_is_never_deployed():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, (200, 3)).astype(float)
-    signal = y + rng.normal(0, 1.0, y.shape)
-    risks = {name: 1 / (1 + np.exp(signal)) for name in CANDIDATES}  # every candidate ranks backwards
-    assert set(choose(y, risks).values()) == {OWN_REGRESSION}
+    y, signal = _views(0)
+    backwards = 1 / (1 + np.exp(signal))
+    risks = {name: backwards for name in CANDIDATES}
+    assert all(r == {OWN_REGRESSION: 1.0} for r in deployment_recipes(y, risks).values())
     risks["local-only"] = 1 / (1 + np.exp(-signal))
-    assert set(choose(y, risks).values()) == {"local-only"}
+    assert all(r == {"local-only": 1.0} for r in deployment_recipes(y, risks).values())
+    # A stack whose global model ranks backwards is replaced by the site's own stacked regression.
+    risks["global + regressions"] = risks[OWN_REGRESSION] = 1 / (1 + np.exp(-signal))
+    expected = {OWN_REGRESSION: 1 - LOCAL_ONLY_WEIGHT, "local-only": LOCAL_ONLY_WEIGHT}
+    assert all(r == expected for r in deployment_recipes(y, risks).values())
+    risks["global"] = risks["local-only"]
+    assert all(set(r) == {"global + regressions", "local-only"} for r in deployment_recipes(y, risks).values())
+
+
+def test_the_blend_of_two_views_beats_either_and_ignores_their_scale():
+    y, signal = _views(3, 4000)
+    rng = np.random.default_rng(4)
+    views = [signal + rng.normal(0, 1.5, y.shape) for _ in range(2)]
+    risks = {"global + regressions": 1 / (1 + np.exp(-views[0])), "local-only": 1 / (1 + np.exp(-views[1]))}
+    risks["global"] = risks["global + regressions"]
+    val, test = slice(0, 1000), slice(1000, None)
+    recipes = deployment_recipes(y[val], {n: r[val] for n, r in risks.items()})
+    deployed = blend(recipes, y[val], {n: r[val] for n, r in risks.items()}, {n: r[test] for n, r in risks.items()})
+    ours = evaluate(y[test], deployed, 0)
+    for name, risk in risks.items():
+        theirs = evaluate(y[test], risk[test], 0)
+        assert all(ours[o]["auroc"] > theirs[o]["auroc"] + 0.01 for o in OUTCOMES), name
+    # A sharper model (its logits three times as large) gets no more say: the blend's ranking is unchanged.
+    sharp = {**risks, "local-only": 1 / (1 + np.exp(-3 * views[1]))}
+    again = blend(recipes, y[val], {n: r[val] for n, r in sharp.items()}, {n: r[test] for n, r in sharp.items()})
+    for k in range(3):
+        assert spearmanr(again[:, k], deployed[:, k]).statistic > 0.9999
+
+
+def test_a_global_model_that_ranks_backwards_is_left_out_of_the_stack(site):
+    rows, oracle, _ = site
+    train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]
+    peers = fit_peers(train)
+    backwards = 1 - _risky_global(train, oracle, 0)
+    stack = _GlobalStack.fit(peers, backwards, train)
+    assert not any(fit[1] for fit in stack.fits.values() if fit is not None)
+    unrelated = np.random.default_rng(5).uniform(size=(len(test), 3))  # what it predicts must not matter now
+    stacked = stack.predict(peers, unrelated, test)
+    assert np.allclose(stacked, stack.predict(peers, 1 - unrelated, test))
 
 
 def test_recalibration_keeps_the_ranking_and_fixes_a_miscalibrated_risk():
