@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsign = release.add_parser("sign", help="sign a FAB's sha256 and version with the consortium key: FAB.sig")
     rsign.add_argument("fab", type=Path, help="the FAB that `release build` wrote")
     rsign.add_argument("--key", type=Path, required=True, help="consortium.key")
+    rkey = release.add_parser("key-id", help="the key id of a consortium.pub (what a site checks by phone and "
+                              "names as consortium-key-id)")
+    rkey.add_argument("public_key", type=Path, help="the consortium's consortium.pub")
     rverify = release.add_parser("verify", help="check a FAB against its signature and a site's trust file")
     rverify.add_argument("fab", type=Path, help="the FAB to check")
     rverify.add_argument("--trust", type=Path, required=True, help="the site's trust.toml")
@@ -487,6 +490,8 @@ def _release(args: argparse.Namespace) -> None:
         print(f"wrote {fab} (sha256 {digest.read_text().split()[0]}, edfed {release.fab_version(fab.read_bytes())})")
     elif args.action == "sign":
         print(f"wrote {release.sign_release(args.fab, args.key)}")
+    elif args.action == "key-id":
+        print(release.public_key_id(args.public_key))
     else:
         found = release.verify_file(args.fab, args.trust, args.signature)
         print(f"{args.fab}: the signed release edfed {found.version} (sha256 {found.sha256}, key {found.key_id})")

@@ -221,6 +221,17 @@ class Child:
     notes: list[str] = field(default_factory=list)
 
 
+def _end_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so a crashed supervisor leaves no Flower process behind to block its restart."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: systemd's KillMode=mixed still stops the children with the unit
+
+
 def child_env(flwr_home: Path, path_first: list[Path] | None = None) -> dict[str, str]:
     """A child's whole environment: PATH is edfed's own bin folder (after `path_first`) and the system's."""
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
@@ -245,7 +256,8 @@ class Supervisor:
         fd = os.open(self.logs / f"{child.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             child.proc = subprocess.Popen(child.argv, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=child.env, cwd=self.state_dir, start_new_session=True, umask=0o077)
+                                          env=child.env, cwd=self.state_dir, start_new_session=True, umask=0o077,
+                                          preexec_fn=_end_with_parent)
         finally:
             os.close(fd)
         child.started, child.restart_at = time.monotonic(), None
