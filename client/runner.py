@@ -17,7 +17,7 @@ Flower's SuperExec starts every task process with its one-time task token on the
 flwr/supercore/superexec/executor/subprocess_executor.py); no option of its subprocess executor passes it
 otherwise. Any local user who can read /proc/PID/cmdline can then use the token on the SuperNode's loopback
 Runtime API. So at every start the runner checks that /proc hides other users' processes (`hidepid=2`) and warns
-in the site's log when it does not (docs/deployment.md, 4.3, says what such a user can and cannot do).
+in the site's log when it does not (docs/deployment.md, section 7, says what such a user can and cannot do).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def proc_hides_processes(mountinfo: str | None = None) -> bool:
 TOKEN_WARNING = ("edfed: /proc on this host is not mounted with hidepid=2, so every local user can read this "
                  "ClientApp's one-time task token on its command line and use it on the SuperNode's Runtime API (to "
                  "read this task's input: the global model, the run config and the node config's paths, no data). "
-                 "Run the site under its own user and mount /proc with hidepid=2 (docs/deployment.md, 4.2 and 4.3)")
+                 "Run the site under its own user and mount /proc with hidepid=2 (docs/deployment.md, sections 1 "
+                 "and 7)")
 
 
 def _install_guard(install_from_fab, verified: set[str]):

@@ -245,9 +245,10 @@ class Supervisor:
     """Starts `children` in order, restarts any that exits (1 s, doubling to MAX_BACKOFF_S), and stops them
     all on SIGTERM/SIGINT. Writes STATE/status.json on every change, read by `status`."""
 
-    def __init__(self, party: str, children: list[Child], state_dir: Path, say: Callable[[str], None] = print,
+    def __init__(self, party: str, children: list[Child], state_dir: Path, say: Callable[[str], None] | None = None,
                  start_gap_s: float = 2.0) -> None:
-        self.party, self.children, self.state_dir, self.say = party, children, Path(state_dir), say
+        self.party, self.children, self.state_dir = party, children, Path(state_dir)
+        self.say = say or (lambda line: print(line, flush=True))  # the journal gets each line as it happens
         self.logs = private_dir(self.state_dir / "logs")
         self.start_gap_s = start_gap_s
         self.stopping = False

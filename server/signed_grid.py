@@ -51,7 +51,7 @@ class SignedGrid:
         key_path, keys_dir = str(run_config.get("coordinator-key", "")), str(run_config.get("site-keys", ""))
         if deployed and not key_path:
             log(WARNING, "edfed: no coordinator-key in the run config: messages go unsigned, and a site with a "
-                "coordinator key refuses them (docs/deployment.md, section 4)")
+                "coordinator key refuses them (docs/deployment.md, section 7)")
         if key_path and not keys_dir:
             raise EdfedError("run config: coordinator-key is set but site-keys is not; name the folder of the "
                              "registered sites' .pub files, so that no site can answer in another's name")

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cli.main import main as edfed
-from client.service import load_site_config, site_children
+from client.service import SITE_KEYS, load_site_config, site_children
 from common import supervisor
 from common.credentials import init_coordinator, site_key
 from common.privacy import PrivacyLedger
 from common.release import consortium_key, public_key_id, write_site_runner
 from common.signing import coordinator_key
-from server.service import coordinator_children, load_coordinator_config
+from server.service import COORDINATOR_KEYS, coordinator_children, load_coordinator_config
 from simulations.cohort import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,3 +298,9 @@ def test_deploy_units_pass_systemd_analyze_verify(tmp_path, parties):
     problems = [line for line in (done.stdout + done.stderr).splitlines() if "edfed-" in line]
     assert not problems, problems
 
+
+
+def test_every_toml_key_is_documented_in_the_runbook():
+    text = (REPO / "docs" / "deployment.md").read_text()
+    missing = [key for key in [*SITE_KEYS, *COORDINATOR_KEYS] if f"| `{key}` |" not in text]
+    assert not missing, f"docs/deployment.md has no table row for: {missing}"
