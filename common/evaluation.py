@@ -17,7 +17,7 @@ from common.contract import OUTCOMES
 from common.data import VisitDataset, load_oracle
 from common.display import make_console
 from common.files import atomic_write, atomic_write_text
-from common.metrics import evaluate
+from common.metrics import SUPPRESSED, evaluate, small_cell
 from common.model import OutcomeModel
 from common.plots import plot_roc_and_calibration
 from common.train import cache_frozen_layers, predict
@@ -61,7 +61,8 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
         rows = (test["site"] == site).to_numpy()
         per_site[site] = evaluate(labels[rows], probs[rows], bootstrap, seed,
                                   None if oracle is None else oracle[rows])
-    plot_roc_and_calibration(labels, probs, final, out_dir, title)
+    plot_roc_and_calibration(labels, probs, final, out_dir, title,
+                             references=None if oracle is None else {ORACLE_LABEL: oracle})
     if predictions_path is not None:
         ids = test[[c for c in ("site", "visit_id", "split") if c in test]].reset_index(drop=True)
         risks = pd.DataFrame({**{o: labels[:, k] for k, o in enumerate(OUTCOMES)},
@@ -69,6 +70,23 @@ def score_test(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, data_d
         predictions = pd.concat([ids, risks], axis=1)  # one row a visit: owner-only, like the site's table
         atomic_write(predictions_path, lambda tmp: predictions.to_parquet(tmp, index=False))
     return final, per_site
+
+
+ORACLE_LABEL = "true risk (oracle)"
+POOLED_PREDICTIONS = "test-predictions.parquet"  # a simulation's pooled test risks (PooledEvaluation.test)
+
+
+def plot_with_references(run_dir: Path, final: dict, data_dir: Path, title: str,
+                         references: dict[str, np.ndarray]) -> list[Path]:
+    """A simulated run's roc.png and calibration.png drawn again with more curves on the same pooled test rows
+    (e.g. the regression peers, fitted after the federation), from its saved POOLED_PREDICTIONS."""
+    predictions = pd.read_parquet(run_dir / POOLED_PREDICTIONS)
+    labels = predictions[list(OUTCOMES)].to_numpy(float)
+    probs = predictions[[f"p_{o}" for o in OUTCOMES]].to_numpy(float)
+    oracle = oracle_risks(data_dir, predictions)
+    return plot_roc_and_calibration(labels, probs, final, run_dir, title,
+                                    references={**({ORACLE_LABEL: oracle} if oracle is not None else {}),
+                                                **references})
 
 
 def score_saved_predictions(files: list[Path], data_dir: Path, bootstrap: int = 200, seed: int = 0) -> dict | None:
@@ -126,6 +144,9 @@ def print_peers(final: dict, peers: dict, console: Console | None = None, model_
         for site, local in peers["local"].items():
             for o in OUTCOMES:
                 m = per_site.get(site, {}).get(o, {})
+                if small_cell(local[names[0]][o]):  # as the report shows it: no number from a handful of events
+                    sites.add_row(site, o, SUPPRESSED, *("-" for _ in names), "-", "-")
+                    continue
                 sites.add_row(site, o, f"{m.get('auroc', float('nan')):.3f}",
                               *(f"{local[p][o]['auroc']:.3f}" for p in names),
                               str(local[names[0]][o]["n"]), str(local[names[0]][o]["events"]))
@@ -152,4 +173,4 @@ class PooledEvaluation:
 
     def test(self, model: OutcomeModel, out_dir: Path, title: str) -> tuple[dict, dict]:
         return evaluate_on_test(model, self.cohort[self.cohort["split"] == "test"], self.tokenizer, self.data_dir,
-                                out_dir, title)
+                                out_dir, title, out_dir / POOLED_PREDICTIONS)

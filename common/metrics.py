@@ -15,6 +15,51 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     return float(gap.sum() / max(counts.sum(), 1))
 
 
+# A per-site or subgroup cell with fewer events (or non-events) than this shows no numbers, in the log as in the
+# report: too few to judge, and a count that small may identify someone.
+MIN_CELL = 10
+SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
+
+
+def small_cell(m: dict) -> bool:
+    """True when the cell must not be shown: fewer than MIN_CELL events or non-events (or no count recorded)."""
+    n, events = m.get("n"), m.get("events")
+    if n is None or events is None:
+        return True
+    return events < MIN_CELL or n - events < MIN_CELL
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-9, 1 - 1e-9)
+    return np.log(p / (1 - p))
+
+
+def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the logistic recalibration y ~ a + b * logit(p) (Cox 1958): slope 1 and intercept 0
+    are a calibrated model, a slope below 1 risks too extreme. The intercept is calibration-in-the-large (the slope
+    held at 1): above 0, more events than predicted. NaN without both classes. Newton's method, no penalty."""
+    if not 0 < y.sum() < len(y):
+        return float("nan"), float("nan")
+    z = _logit(p)
+    x = np.column_stack([np.ones_like(z), z])
+    beta = np.zeros(2)
+    for _ in range(50):
+        mu = 1 / (1 + np.exp(-np.clip(x @ beta, -30, 30)))
+        hessian = x.T @ (x * (mu * (1 - mu))[:, None]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, x.T @ (y - mu))
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    offset = 0.0
+    for _ in range(50):
+        mu = 1 / (1 + np.exp(-np.clip(offset + z, -30, 30)))
+        step = (y - mu).sum() / max((mu * (1 - mu)).sum(), 1e-12)
+        offset += step
+        if abs(step) < 1e-10:
+            break
+    return float(beta[1]), float(offset)
+
+
 def _point(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import average_precision_score, roc_auc_score  # here: a site's process starts faster
 
@@ -33,6 +78,7 @@ def outcome_metrics(y: np.ndarray, p: np.ndarray, bootstrap: int = 200, seed: in
     known = ~np.isnan(y)
     y, p = y[known].astype(float), p[known].astype(float)
     result: dict = {**_point(y, p), "n": int(len(y)), "events": int(y.sum())}
+    result["calibration_slope"], result["calibration_intercept"] = calibration_slope_intercept(y, p)
     if oracle is not None:
         o = oracle[known]
         result["oracle_auroc"] = _point(y, o)["auroc"] if not np.isnan(o).any() else float("nan")

@@ -253,9 +253,10 @@ def score_peers(peers: FittedPeers, test: pd.DataFrame, oracle: np.ndarray | Non
 
 
 def regression_peers(train: pd.DataFrame, test: pd.DataFrame, data_dir: Path, bootstrap: int = 200, seed: int = 0,
-                     local: bool = False, console=None) -> dict:
+                     local: bool = False, console=None, curves: dict | None = None) -> dict:
     """`summary["peers"]`: peers fitted on pooled `train`, scored on pooled `test`; with `local`, also each site's
-    own peers (fitted on its training rows alone, scored on its test rows), for a federation's per-site table."""
+    own peers (fitted on its training rows alone, scored on its test rows), for a federation's per-site table.
+    `curves`: also gets the pooled peers' test risks ({label: [n, 3]}, `test`'s rows), for the ROC figure."""
     from common.display import make_console
     from common.evaluation import oracle_risks
 
@@ -264,6 +265,8 @@ def regression_peers(train: pd.DataFrame, test: pd.DataFrame, data_dir: Path, bo
     pooled = fit_peers(train, seed)
     result: dict = {"method": pooled.method(), "test_rows": len(test),
                     "pooled": score_peers(pooled, test, oracle, bootstrap, seed)}
+    if curves is not None:
+        curves.update({f"regression: {p}": risks for p, risks in pooled.predict(test).items()})
     if local:
         result["local"], result["local_method"] = {}, {}
         for site, site_test in test.groupby("site", sort=False):
@@ -283,10 +286,10 @@ def regression_peers(train: pd.DataFrame, test: pd.DataFrame, data_dir: Path, bo
     return result
 
 
-def federation_peers(data_dir: Path, seed: int, bootstrap: int = 200, console=None) -> dict:
+def federation_peers(data_dir: Path, seed: int, bootstrap: int = 200, console=None, curves: dict | None = None) -> dict:
     """A simulated federation's peers: pooled (as central) and each site's own, on the federation's splits."""
     from common.data import load_cohort
 
     cohort = load_cohort(data_dir, seed)
     return regression_peers(cohort[cohort["split"] == "train"], cohort[cohort["split"] == "test"], data_dir,
-                            bootstrap, seed, local=True, console=console)
+                            bootstrap, seed, local=True, console=console, curves=curves)

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from common.contract import OUTCOMES  # noqa: E402
 
@@ -18,44 +18,144 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+SPARSE_BIN = 10  # a calibration bin with fewer visits is drawn hollow
+
+
+def wilson_interval(events: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval of each observed rate events/n: honest for small n (1 of 1 is [0.21, 1], not 1)."""
+    n = np.maximum(np.asarray(n, dtype=float), 1e-12)
+    rate = np.asarray(events, dtype=float) / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # min/max: at a rate of 0 or 1 the bound is the rate itself, which rounding must not move past it
+    return np.clip(np.minimum(centre - half, rate), 0, 1), np.clip(np.maximum(centre + half, rate), 0, 1)
+
+
+def calibration_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width risk bins that hold visits: mean predicted risk, observed rate, its Wilson interval, count."""
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    filled = counts > 0
+    events = np.bincount(which, y, bins)[filled]
+    lo, hi = wilson_interval(events, counts[filled])
+    return {"predicted": np.bincount(which, p, bins)[filled] / counts[filled], "observed": events / counts[filled],
+            "low": lo, "high": hi, "n": counts[filled]}
+
+
 def plot_roc_and_calibration(labels: np.ndarray, probs: np.ndarray, metrics: dict, out_dir: Path,
-                             title: str, bins: int = 10) -> list[Path]:
-    """`roc.png` and `calibration.png`, one panel per outcome, AUROC / ECE in each legend."""
+                             title: str, bins: int = 10, references: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """`roc.png` and `calibration.png`, one panel per outcome.
+
+    ROC: the model's curve and each of `references` ({name: risks [n, 3]} on the same rows, e.g. the true risk of a
+    simulated cohort, the regression peers), each with its AUROC; a legend entry only for a curve drawn.
+    Calibration: each risk bin's observed rate with its 95% Wilson interval and its visit count (a sparse bin shows
+    a wide interval, never a confident 1.0), and the calibration slope and intercept (common.metrics).
+    """
+    from common.metrics import calibration_slope_intercept
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    roc_fig, roc_axes = plt.subplots(1, len(OUTCOMES), figsize=(4.2 * len(OUTCOMES), 4.2))
-    cal_fig, cal_axes = plt.subplots(1, len(OUTCOMES), figsize=(4.2 * len(OUTCOMES), 4.2))
+    references = references or {}
+    roc_fig, roc_axes = plt.subplots(1, len(OUTCOMES), figsize=(4.4 * len(OUTCOMES), 4.4))
+    cal_fig, cal_axes = plt.subplots(1, len(OUTCOMES), figsize=(4.4 * len(OUTCOMES), 4.6))
     for k, name in enumerate(OUTCOMES):
         known = ~np.isnan(labels[:, k])
         y, p = labels[known, k], probs[known, k]
         m = metrics[name]
         ax = roc_axes[k]
-        if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(fpr, tpr, label=f"model AUROC {m['auroc']:.3f}")
         ax.plot([0, 1], [0, 1], ls=":", c="grey")
         ax.set(title=name, xlabel="1 - specificity", ylabel="sensitivity")
-        if "oracle_auroc" in m:
-            ax.plot([], [], " ", label=f"oracle AUROC {m['oracle_auroc']:.3f}")
-        ax.legend(loc="lower right")
+        if 0 < y.sum() < len(y):
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, c="C0", lw=2, label=f"model, AUROC {m['auroc']:.3f}")
+            for j, (ref_name, ref) in enumerate(references.items()):
+                r = ref[known, k]
+                if np.isnan(r).any():
+                    continue
+                fpr, tpr, _ = roc_curve(y, r)
+                ax.plot(fpr, tpr, lw=1.2, ls="--" if j == 0 else "-", c=f"C{j + 1}",
+                        label=f"{ref_name}, AUROC {roc_auc_score(y, r):.3f}")
+            ax.legend(loc="lower right", fontsize="small")
+        else:
+            ax.text(0.5, 0.4, "one class only:\nno curve", ha="center", c="grey")
         ax = cal_axes[k]
-        edges = np.linspace(0, 1, bins + 1)
-        which = np.minimum((p * bins).astype(int), bins - 1)
-        filled = np.bincount(which, minlength=bins) > 0
-        mean_p = np.bincount(which, p, bins)[filled] / np.bincount(which, minlength=bins)[filled]
-        mean_y = np.bincount(which, y, bins)[filled] / np.bincount(which, minlength=bins)[filled]
         ax.plot([0, 1], [0, 1], ls=":", c="grey")
-        ax.plot(mean_p, mean_y, "o-", label=f"ECE {m['ece']:.3f}, Brier {m['brier']:.3f}")
-        ax.hist(p, bins=edges, weights=np.full(len(p), 0.5 / max(len(p), 1)), alpha=0.3, color="C1")
-        ax.set(title=name, xlabel="predicted risk", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
-        ax.legend(loc="upper left")
+        ax.set(xlabel="predicted risk (bin mean)", ylabel="observed rate (95% CI)", xlim=(0, 1), ylim=(0, 1.1))
+        if len(y) == 0:
+            ax.set_title(name)
+            continue
+        b = calibration_bins(y, p, bins)
+        slope, intercept = calibration_slope_intercept(y, p)
+        # The numbers in the title, not a legend: a legend would hide the sparse bins' intervals.
+        ax.set_title(f"{name}\nECE {m['ece']:.3f}, Brier {m['brier']:.3f}, slope {slope:.2f}, "
+                     f"intercept {round(intercept, 2) + 0.0:.2f}", fontsize="medium")
+        ax.errorbar(b["predicted"], b["observed"], yerr=[b["observed"] - b["low"], b["high"] - b["observed"]],
+                    fmt="none", ecolor="C0", alpha=0.6, capsize=2)
+        sparse = b["n"] < SPARSE_BIN
+        size = 12 + 60 * np.sqrt(b["n"] / b["n"].max())
+        ax.scatter(b["predicted"][~sparse], b["observed"][~sparse], s=size[~sparse], c="C0", zorder=3)
+        ax.scatter(b["predicted"][sparse], b["observed"][sparse], s=size[sparse], facecolors="white",
+                   edgecolors="C0", zorder=3)  # hollow: a handful of visits
+        for x, top, n in zip(b["predicted"], b["high"], b["n"], strict=True):
+            ax.annotate(str(n), (x, top), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7,
+                        color="dimgrey")
+    cal_fig.text(0.5, 0.01, f"Equal-width risk bins; the number above each is its visits, hollow under "
+                 f"{SPARSE_BIN}. Slope and intercept: logistic recalibration (1 and 0 when calibrated).",
+                 ha="center", fontsize="small", color="dimgrey")
     paths = []
     for fig, name in ((roc_fig, "roc.png"), (cal_fig, "calibration.png")):
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.04 if fig is cal_fig else 0, 1, 1))
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
         paths.append(out_dir / name)
     return paths
+
+
+def plot_site_aurocs(models: dict[str, dict[str, dict]], path: Path, title: str) -> Path:
+    """Each site's AUROC with its 95% interval, one panel per outcome, one marker per model ({model: {site:
+    {outcome: metrics}}}, e.g. deployed, local-only, own stacked regression). A cell with fewer than MIN_CELL events
+    or non-events is not drawn ("suppressed"), as in the report."""
+    from common.metrics import MIN_CELL, small_cell
+
+    sites = list(dict.fromkeys(site for per_site in models.values() for site in per_site))
+    fig, axes = plt.subplots(1, len(OUTCOMES), figsize=(4.4 * len(OUTCOMES), 1.2 + 0.55 * len(sites) * 1.3),
+                             sharey=True, squeeze=False)
+    offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else np.zeros(1)
+    lowest = 0.45
+    for col, outcome in enumerate(OUTCOMES):
+        ax, labelled = axes[0, col], set()
+        for i, site in enumerate(sites):
+            cells = {name: per_site.get(site, {}).get(outcome) for name, per_site in models.items()}
+            if any(m and small_cell(m) for m in cells.values()):
+                ax.text(0.5, i, f"  suppressed (<{MIN_CELL} events)", fontsize=7, c="grey", va="center")
+                continue
+            for j, (name, m) in enumerate(cells.items()):
+                if not m or not np.isfinite(m.get("auroc", np.nan)):
+                    continue
+                auroc = m["auroc"]
+                lo, hi = m.get("auroc_ci", [auroc, auroc])
+                lowest = min(lowest, lo - 0.02)
+                ax.errorbar([auroc], [i + offsets[j]], xerr=[[auroc - lo], [hi - auroc]], fmt="o", c=f"C{j}",
+                            capsize=2, ms=4, label=None if name in labelled else name)
+                labelled.add(name)
+        ax.axvline(0.5, ls=":", c="grey")
+        ax.set(title=outcome, xlabel="AUROC (95% CI), own test visits", yticks=range(len(sites)),
+               yticklabels=sites)
+    for ax in axes[0]:
+        ax.set_xlim(max(0.0, lowest), 1.01)
+    axes[0, 0].set_ylim(len(sites) - 0.5, -0.5)  # first site on top
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_auroc_bars(rows: dict[str, dict], path: Path, title: str) -> Path:

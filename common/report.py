@@ -21,9 +21,8 @@ from common.contract import OUTCOMES
 from common.errors import EdfedError
 from common.files import SHARED_FILE_MODE, atomic_write_text
 from common.markdown import markdown_table
+from common.metrics import MIN_CELL, SUPPRESSED, small_cell  # noqa: F401  (one rule for the log and the report)
 
-MIN_CELL = 10
-SUPPRESSED = f"suppressed (<{MIN_CELL} events)"
 _KNOWN_KEYS = {"kind", "run_id", "config", "final", "per_site", "privacy", "communication", "rounds",
                "site_reports", "rejected_updates", "client_train_seconds", "client_step_seconds", "num_rounds",
                "wall_seconds", "wall_seconds_total", "federation_overhead", "history", "splits", "local_only",
@@ -42,7 +41,7 @@ def _num(value: Any, digits: int = 3) -> str:
         return "n/a"
     if math.isinf(value):
         return "∞" if value > 0 else "-∞"
-    return f"{value:.{digits}f}"
+    return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
 
 
 def _with_ci(m: dict, name: str) -> str:
@@ -60,19 +59,15 @@ def _is_outcome_map(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(_is_metrics(v) for v in value.values())
 
 
-def small_cell(m: dict) -> bool:
-    """True when the cell must not be shown: fewer than MIN_CELL events or non-events (or no count recorded)."""
-    n, events = m.get("n"), m.get("events")
-    if n is None or events is None:
-        return True
-    return events < MIN_CELL or n - events < MIN_CELL
-
-
 def pooled_table(final: dict) -> list[str]:
     oracle = any("oracle_auroc" in m for m in final.values())
-    header = ["outcome", "AUROC (95% CI)", "AUPRC (95% CI)", "Brier", "ECE", *(["oracle AUROC"] if oracle else []),
-              "n", "events"]
-    rows = [[o, _with_ci(m, "auroc"), _with_ci(m, "auprc"), _num(m.get("brier")), _num(m.get("ece")),
+    slope = any("calibration_slope" in m for m in final.values())
+    header = ["outcome", "AUROC (95% CI)", "AUPRC (95% CI)",
+              *(["calibration slope", "calibration intercept"] if slope else []), "Brier", "ECE",
+              *(["oracle AUROC"] if oracle else []), "n", "events"]
+    rows = [[o, _with_ci(m, "auroc"), _with_ci(m, "auprc"),
+             *([_num(m.get("calibration_slope"), 2), _num(m.get("calibration_intercept"), 2)] if slope else []),
+             _num(m.get("brier")), _num(m.get("ece")),
              *([_num(m.get("oracle_auroc"))] if oracle else []), _num(m.get("n")), _num(m.get("events"))]
             for o, m in _ordered(final)]
     return markdown_table(header, rows)
@@ -132,6 +127,29 @@ def _scalar_table(rows: dict[str, dict], label: str) -> list[str]:
     """{name: {key: scalar}} as a table, one column per key seen."""
     keys = list(dict.fromkeys(k for r in rows.values() for k, v in r.items() if not isinstance(v, dict | list)))
     return markdown_table([label, *keys], [[name, *(_num(r.get(k)) for k in keys)] for name, r in rows.items()])
+
+
+# What a site declared when it joined: yes/no flags, and what it had spent then is left out (the privacy table
+# shows what it spent in the run; 0 beside it reads as a contradiction).
+_JOIN_FLAGS = {"patient-level", "releases-metrics"}
+_JOIN_HIDDEN = {"epsilon-spent"}
+
+
+def sites_table(sites: dict[str, dict]) -> list[str]:
+    """The sites that joined: node ids as plain ids, flags as yes/no."""
+    keys = list(dict.fromkeys(k for r in sites.values() for k, v in r.items()
+                              if not isinstance(v, dict | list) and k not in _JOIN_HIDDEN))
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "—"
+        if key == "node":
+            return str(value)
+        if key in _JOIN_FLAGS and isinstance(value, int | float):
+            return "yes" if value else "no"
+        return _num(value)
+
+    return markdown_table(["site", *keys], [[name, *(cell(k, r.get(k)) for k in keys)] for name, r in sites.items()])
 
 
 def _figures(run_dir: Path, names: list[str]) -> list[str]:
@@ -301,6 +319,42 @@ def deployment_tables(deployment: dict) -> list[str]:
             *markdown_table(["comparison", "outcome", "mean over sites", "paired 95% CI", "sites"], gains)]
 
 
+SITES_FIGURE = "sites.png"
+
+
+def site_models(summary: dict) -> dict[str, dict]:
+    """{model: {site: {outcome: metrics}}} for the per-site figure: each site's deployed model against its
+    local-only model and its own stacked regression where the run chose them, else the global model's per-site
+    scores against what the summary has of the site alone."""
+    deployment = summary.get("deployment") or {}
+    if deployment.get("deployed"):
+        names = {"deployed": "deployed", "local-only": "local-only", "regression: stacked": "own stacked regression"}
+        return {label: deployment[key] for key, label in names.items() if deployment.get(key)}
+    models = {}
+    if summary.get("per_site"):
+        models["global model"] = summary["per_site"]
+    if summary.get("local_only"):
+        models["local-only"] = summary["local_only"]
+    local_peers = (summary.get("peers") or {}).get("local") or {}
+    if any("stacked" in v for v in local_peers.values()):
+        models["own stacked regression"] = {site: v["stacked"] for site, v in local_peers.items() if "stacked" in v}
+    return models if len(models) > 1 or (models and summary.get("kind") == "federated") else {}
+
+
+def _site_figure(run_dir: Path, summary: dict) -> list[str]:
+    models = site_models(summary)
+    if not models:
+        return []
+    from common.plots import plot_site_aurocs
+
+    plot_site_aurocs(models, run_dir / SITES_FIGURE, "each site's AUROC on its own test visits")
+    os.chmod(run_dir / SITES_FIGURE, SHARED_FILE_MODE)  # aggregates only, small cells left out, like the page
+    return ["## Each site, on its own test visits", "",
+            f"{', '.join(models)}: AUROC with its 95% interval (bootstrap; the site's own regressions are point "
+            f"estimates). Cells with fewer than {MIN_CELL} events or non-events are not drawn.", "",
+            f"![sites]({SITES_FIGURE})", ""]
+
+
 def render_run(run_dir: Path, summary: dict) -> list[str]:
     """A central or federated run (or any summary with `final`)."""
     kind = summary.get("kind", "run")
@@ -322,6 +376,7 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
                   *cell_table(summary["local_only"], "site")]
     if summary.get("deployment"):
         lines += deployment_tables(summary["deployment"])
+    lines += _site_figure(run_dir, summary)
     if summary.get("subgroups"):
         lines += nested_metrics("Subgroups", summary["subgroups"], level=2)
     for key, value in summary.items():  # anything else that holds metrics, e.g. added by newer code
@@ -341,7 +396,7 @@ def render_run(run_dir: Path, summary: dict) -> list[str]:
     if kind in ("central", "federated") or summary.get("privacy"):
         lines += _privacy(summary)
     if summary.get("sites"):
-        lines += ["## Sites that joined", "", *_scalar_table(summary["sites"], "site")]
+        lines += ["## Sites that joined", "", *sites_table(summary["sites"])]
     for key, title in (("refused_sites", "Sites left out"), ("rejected_updates", "Updates left out")):
         if summary.get(key):
             lines += [f"## {title}", "", *_scalar_table({str(k): r for k, r in enumerate(summary[key], 1)}, "#")]

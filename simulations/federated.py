@@ -25,7 +25,7 @@ from common.contract import OUTCOMES
 from common.data import load_cohort, site_files
 from common.display import Phases, make_console, progress_bar
 from common.errors import EdfedError
-from common.evaluation import print_peers, write_summary
+from common.evaluation import POOLED_PREDICTIONS, plot_with_references, print_peers, write_summary
 from common.peers import federation_peers
 
 
@@ -119,7 +119,11 @@ def run_simulate(args: argparse.Namespace) -> dict:
         summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
     run_dir = Path(str(run_config["run-dir"]))
     with phases("regression peers"):  # the regressions a statistician fits first, on the same rows
-        summary["peers"] = federation_peers(data_dir, int(run_config["seed"]), console=console)
+        curves: dict = {}
+        summary["peers"] = federation_peers(data_dir, int(run_config["seed"]), console=console, curves=curves)
+        if (run_dir / POOLED_PREDICTIONS).exists():  # the ROC figure with the peers' curves on the same rows
+            plot_with_references(run_dir, summary["final"], data_dir, "federated model and its regression peers, "
+                                 "held-out test (pooled)", curves)
     if getattr(args, "local_baselines", False):
         with phases("local baselines"):
             summary["local_only"] = local_only_models(run_config, data_dir, run_dir / "local-only")
