@@ -52,15 +52,20 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
     progress = progress_bar(not quiet)
     task = progress.add_task("federated rounds", total=int(run_config["num-server-rounds"]), status="")
 
+    started, round_seconds = time.perf_counter(), {}
+
     def on_round(server_round: int, total: int, aurocs: dict, seconds: float) -> None:
         status = " ".join(f"{o.split('_')[0]} {v:.3f}" for o, v in aurocs.items())
         progress.update(task, completed=server_round, total=total, status=f"val AUROC {status}" if status else "")
+        round_seconds[server_round] = seconds
         # A line per round too, so a log file (CI, nohup) shows progress where the bar cannot.
         progress.console.print(f"round {server_round}/{total}: {seconds:.0f} s" + (f", val AUROC {status}"
-                                                                                  if status else ""))
+                                                                                  if status else "")
+                               + _time_left(round_seconds, server_round, total, time.perf_counter() - started))
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        _follow_first_round(grid, progress.console)
         try:
             outcome["summary"] = run_federation(grid, {**run_config, "num-sites": n_sites}, pooled=True,
                                                 on_round=on_round)
@@ -87,6 +92,58 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
     if "summary" not in outcome:
         raise EdfedError("the simulation ended without a result; see the log above")
     return outcome["summary"]
+
+
+def _time_left(round_seconds: dict[int, float], done: int, total: int, elapsed: float) -> str:
+    """", 3 min elapsed, about 5 min left for the rounds": from the later rounds' mean once there is one; after round
+    1 at its pace, an upper bound (it also cached every visit's frozen layers, which later rounds reuse)."""
+    later = [s for r, s in round_seconds.items() if r >= 2]
+    if done < 1 or done >= total:
+        return f", {elapsed / 60:.1f} min elapsed" if done >= 1 else ""
+    pace = sum(later) / len(later) if later else round_seconds.get(1, 0.0)
+    left = pace * (total - done)
+    return (f", {elapsed / 60:.1f} min elapsed, {'at most' if not later else 'about'} {left / 60:.1f} min left for "
+            f"rounds {done + 1}-{total}")
+
+
+def _follow_first_round(grid, console: Console) -> None:
+    """A line per site as its round-1 update arrives, with the time since the round began: a log file shows the
+    first round's progress (the longest: each site caches its visits' frozen layers), not minutes of silence.
+    Flower's in-memory grid collects replies with `pull_messages`: this wraps that method on this grid alone."""
+    pull, names, state = grid.pull_messages, {}, {"round": 0, "started": 0.0, "seen": set()}
+
+    def pull_messages(message_ids):
+        replies = list(pull(message_ids))
+        for reply in replies:
+            kind, node = reply.metadata.message_type, reply.metadata.src_node_id
+            if kind == "query.check" and not reply.has_error() and "site" in reply.content:
+                names[node] = str(dict(reply.content["site"]).get("site-name", node))
+            elif kind == "train" and state["round"] == 1 and node not in state["seen"]:
+                state["seen"].add(node)
+                console.print(f"round 1: {names.get(node, f'node {node}')} sent its update "
+                              f"({len(state['seen'])}/{len(names) or '?'} sites), "
+                              f"{time.perf_counter() - state['started']:.0f} s into the round")
+        return replies
+
+    def push_messages(messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):  # a round's instructions: 1, then 2, ...
+            state["round"] += 1
+            state["started"] = state["started"] or time.perf_counter()
+        return push(messages)
+
+    push = grid.push_messages
+    grid.pull_messages, grid.push_messages = pull_messages, push_messages
+
+
+def next_steps(run_dir: Path, summary: dict) -> list[str]:
+    """What to run next, printed at the end of `edfed simulate`: the report, and a site's deployed model."""
+    steps = [f"figures: {run_dir / 'roc.png'}, {run_dir / 'calibration.png'}",
+             f"next: edfed report {run_dir}   (report.md with every table and figure, and each site's)"]
+    if not summary.get("deployment"):
+        steps.append(f"      edfed personalize {run_dir} --data SITE_FILE   (a site chooses the model it deploys)")
+    steps.append(f"      edfed predict {run_dir} --data SITE_FILE --out predictions.csv   (the global model's risks)")
+    return steps
 
 
 def run_simulate(args: argparse.Namespace) -> dict:
@@ -136,6 +193,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
     write_summary(run_dir, summary)
     print_federated(summary, console)
     console.print(f"wrote {run_dir / 'summary.json'} ({summary['wall_seconds_total']:.0f} s)")
+    for line in next_steps(run_dir, summary):
+        console.print(line)
     return summary
 
 

@@ -12,13 +12,18 @@ from simulations.cohort import generate_cohort
 
 
 @pytest.mark.slow
-def test_six_site_two_round_simulation_improves_over_round_zero(tmp_path, tiny_encoder):
+def test_six_site_two_round_simulation_improves_over_round_zero(tmp_path, tiny_encoder, capsys):
     data = generate_cohort(tmp_path / "cohort", visits_per_site=120, seed=5)
     out = tmp_path / "run"
     assert main(["simulate", "--data", str(data), "--model", str(tiny_encoder), "--out", str(out), "--rounds", "2",
                  "--local-epochs", "2", "--epsilon", "inf", "--lr", "0.01", "--lora-layers", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "federated" and summary["num_rounds"] == 2
+    # A log file follows round 1 site by site, sees the time left, and ends with what to run next.
+    log = capsys.readouterr().out
+    firsts = [line for line in log.splitlines() if line.startswith("round 1: site-")]
+    assert len(firsts) == 6 and "(6/6 sites)" in firsts[-1] and all("s into the round" in f for f in firsts)
+    assert "min left for rounds 2-2" in log and f"next: edfed report {out}" in log
     start, end = (np.mean(list(summary["rounds"][r].values())) for r in ("0", "2"))
     assert end > start + 0.05, summary["rounds"]
     assert len(summary["privacy"]) == 6 and summary["communication"]["bytes_sent_per_client_round"] > 0
