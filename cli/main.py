@@ -442,8 +442,8 @@ def _deploy(args: argparse.Namespace) -> None:
         from common.release import write_site_runner
 
         written = write_site_runner(args.out, args.consortium_key, args.min_version, args.coordinator_key)
-        print(f"wrote {written[0]} and {written[1].parent}/: put that folder first on the PATH of this site's "
-              "flower-superexec")
+        print(f"wrote {written[0]} and {written[1].parent}/: name the trust file as `trust` in site.toml (`edfed "
+              "site start` writes the shims into its state-dir and puts them first on its SuperExec's PATH)")
         if not proc_hides_processes():
             print(TOKEN_WARNING.replace("this ClientApp's", "each ClientApp's"), file=sys.stderr)
         return
