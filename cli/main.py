@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
     pred.add_argument("--out", type=Path, required=True,
                       help="the CSV to write: visit_id and one risk column per outcome (owner-only)")
+    pred.add_argument("--device", default=None,
+                      help="auto, cpu or cuda: where the model runs (default: pyproject's device setting; auto: a "
+                           "CUDA GPU where torch sees one)")
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)

@@ -200,7 +200,7 @@ def save_deployed_model(out_dir: Path, *, site: str, run_config: Mapping[str, An
         model = models[name]
         settings = {k: v for k, v in model.config.to_dict().items() if k != "model"}
         components[name] = {"train_config": settings, "frozen_fingerprint": frozen_init_fingerprint(model)}
-        arrays.update({f"{name}/{k}": v.detach().contiguous() for k, v in model.trainable_state().items()})
+        arrays.update({f"{name}/{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state().items()})
     regressions, vocabulary = None, None
     if "regressions" in needed:
         reg_arrays, regressions, vocabulary = _regression_arrays(peers, stack)
@@ -341,8 +341,11 @@ class DeployedModel:
 
     def __init__(self, source: Path, recipes: dict[str, dict], neural: dict[str, tuple[TrainConfig, dict, str]],
                  regressions: dict | None, arrays: dict[str, torch.Tensor], vocabulary: list[str] | None,
-                 encoder_fingerprint: str, encoder: Path | None) -> None:
+                 encoder_fingerprint: str, encoder: Path | None, device: str | None = None) -> None:
+        from common.config import resolve_device
+
         self.source, self.recipes = source, recipes
+        self.device = resolve_device(device)  # `cuda` where there is none: refused before anything loads
         self.encoder_fingerprint = encoder_fingerprint
         self._neural, self._regressions, self._arrays, self._vocabulary = neural, regressions, arrays, vocabulary
         self._models = self._build_models(encoder)
@@ -368,7 +371,8 @@ class DeployedModel:
             if frozen and frozen != frozen_init_fingerprint(model):
                 raise EdfedError(f"{self.source}: the {name} model's seeded frozen matrices differ from the ones "
                                  "built here (another torch version?); refusing to predict")
-            models[name] = model
+            # The GLM is a linear layer on cached features: it predicts on the CPU, as it trained.
+            models[name] = model if config.glm else model.to(self.device)
         return models
 
     def _build_peers(self):
@@ -496,16 +500,17 @@ def _load_arrays(path: Path) -> dict[str, torch.Tensor]:
         raise EdfedError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def load_model(path: Path | str, encoder: Path | str | None = None) -> DeployedModel:
+def load_model(path: Path | str, encoder: Path | str | None = None, device: str | None = None) -> DeployedModel:
     """A deployed model folder (`save_deployed_model`: config.json, model.safetensors) or a run folder (run.json and
     checkpoints/: its global model). `encoder`: the run's text encoder folder (default: the packaged one); its
-    fingerprint must be the one the model was trained with."""
+    fingerprint must be the one the model was trained with. `device`: auto, cpu or cuda (default: the run
+    settings' `device`, common.config.resolve_device)."""
     path = Path(path)
     encoder = Path(encoder) if encoder else None
     if not path.is_dir():
         raise EdfedError(f"{path}: no such model folder (a deployed model's folder, or a run folder)")
     if (path / "run.json").is_file():
-        return _load_run(path, encoder)
+        return _load_run(path, encoder, device)
     if not (path / CONFIG).is_file():
         raise EdfedError(f"{path}: neither a deployed model folder (config.json, model.safetensors) nor a run "
                          "folder (run.json, checkpoints/)")
@@ -532,10 +537,10 @@ def load_model(path: Path | str, encoder: Path | str | None = None) -> DeployedM
     if missing:
         raise EdfedError(f"{path}: the recipes use {missing}, which the folder does not hold")
     return DeployedModel(path, recipes, neural, config.get("regressions"), arrays, vocabulary,
-                         config.get("encoder_fingerprint", ""), encoder)
+                         config.get("encoder_fingerprint", ""), encoder, device)
 
 
-def _load_run(run_dir: Path, encoder: Path | None) -> DeployedModel:
+def _load_run(run_dir: Path, encoder: Path | None, device: str | None) -> DeployedModel:
     """A run's global model, every outcome uncalibrated: what the federation trained, before any site chose."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -545,4 +550,4 @@ def _load_run(run_dir: Path, encoder: Path | None) -> DeployedModel:
     recipe = {"parts": {"global": 1.0}, "scales": {"global": 1.0}, "calibration": None}
     return DeployedModel(run_dir, {o: dict(recipe) for o in OUTCOMES},
                          {"global": (config, _load_arrays(checkpoint), recorded.get("frozen-fingerprint", ""))},
-                         None, {}, None, recorded.get("encoder-fingerprint", ""), encoder)
+                         None, {}, None, recorded.get("encoder-fingerprint", ""), encoder, device)

@@ -24,7 +24,8 @@ def run_predict(args: argparse.Namespace) -> Path:
         raise EdfedError(f"--out {out}: that is the input table; name another file")
     if out.is_dir():
         raise EdfedError(f"--out {out}: is a folder; name the CSV file to write")
-    model = load_model(args.model_dir, encoder=args.model)  # refuses another encoder before reading any visit
+    # refuses another encoder (or an absent GPU) before reading any visit
+    model = load_model(args.model_dir, encoder=args.model, device=args.device)
     risks = model.predict_proba(args.data, mapping=args.mapping, encoding=args.encoding)
     # repr-exact floats: reading the file back gives the API's numbers to the last bit
     atomic_write(out, lambda tmp: risks.to_csv(tmp, index=False))

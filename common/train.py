@@ -22,7 +22,7 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from common.config import TrainConfig
+from common.config import TrainConfig, resolve_device
 from common.data import VisitDataset
 from common.display import Phases, progress_bar
 from common.errors import EdfedError
@@ -40,6 +40,12 @@ def make_loader(dataset: VisitDataset, batch_size: int, shuffle: bool, seed: int
                       generator=generator)
 
 
+def on_model_device(model: OutcomeModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (common.config.resolve_device); on the CPU, the batch itself."""
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def cache_frozen_layers(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 64,
                         progress: Progress | None = None) -> bool:
     """Run the frozen lower encoder layers once per visit and keep their output on the dataset.
@@ -55,8 +61,8 @@ def cache_frozen_layers(model: OutcomeModel, dataset: VisitDataset, batch_size: 
     dataset.frozen_hidden = None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = dataset.collate([dataset[i] for i in idx])
-        out = model.lower(batch["input_ids"], batch["attention_mask"])
+        batch = on_model_device(model, dataset.collate([dataset[i] for i in idx]))
+        out = model.lower(batch["input_ids"], batch["attention_mask"]).cpu()  # the cache lives in host memory
         for row, i in enumerate(idx):
             hidden[i] = out[row, : len(dataset.token_ids[i])].clone()
         if progress:
@@ -86,7 +92,7 @@ def train_epoch(model: OutcomeModel, loader: Iterable[dict], optimizer: torch.op
         if patients is not None:  # patient-level DP: the optimizer clips each patient's summed gradient
             optimizer.group_by(patients)
         optimizer.zero_grad(set_to_none=True)
-        losses = model.training_loss(batch)
+        losses = model.training_loss(on_model_device(model, batch))
         losses.mean().backward()
         optimizer.step()
         if proximal_mu > 0 and global_state is not None:
@@ -173,7 +179,7 @@ def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -
     """Predicted probability of each outcome: [n_visits, 3]."""
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False)
-    return np.concatenate([torch.sigmoid(model(batch)).numpy() for batch in loader])
+    return np.concatenate([torch.sigmoid(model(on_model_device(model, batch))).cpu().numpy() for batch in loader])
 
 
 def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -188,14 +194,20 @@ def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch
 
 def fit_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, tokenizer,
               show_progress: bool = True, initial_state: dict[str, torch.Tensor] | None = None,
-              precision: str | None = None, phases: Phases | None = None) -> tuple[OutcomeModel, list[dict]]:
+              precision: str | None = None, phases: Phases | None = None,
+              device: str | None = None) -> tuple[OutcomeModel, list[dict]]:
     """Train on `train` without DP, keeping the epoch with the best mean validation AUROC: central training, a
     site's local-only model and a site's personalization all train here.
 
     From `initial_state` (a federation's global model, fine-tuned at one site), the starting point is
     epoch 0 and a candidate too, so fine-tuning never ends worse on validation than where it began.
+    `device`: auto, cpu or cuda (default: the run settings' `device`); the GLM trains on the CPU, and the model is
+    returned there, so what callers save or send is unchanged.
     """
+    target = resolve_device(device)  # first: `cuda` where there is none fails before any work
     model = build_model(config, initial_state, precision)
+    if not config.glm:
+        model.to(target)
     train_set, val_set = VisitDataset(train, tokenizer, config), VisitDataset(val, tokenizer, config)
     history, best, best_state = [], -np.inf, None
     phases = phases or Phases(quiet=True)
@@ -232,7 +244,7 @@ def fit_model(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, token
             if best_state is None or score > best or score == best == -np.inf:
                 best, best_state = score, model.trainable_state()
     model.load_trainable_state(best_state)
-    return model, history
+    return model.cpu(), history
 
 
 def save_trainable_state(model: OutcomeModel, path: Path) -> Path:

@@ -22,12 +22,13 @@ except PackageNotFoundError:  # a source checkout that was never installed
 __all__ = ["__version__", "load_model", "read_table"]
 
 
-def load_model(path: str | Path, encoder: str | Path | None = None):
+def load_model(path: str | Path, encoder: str | Path | None = None, device: str | None = None):
     """A deployed model folder or a run folder, ready to `predict_proba(table, mapping=None)`; `encoder`: the run's
-    text encoder folder (default: the packaged one). Raises `EdfedError` on a folder it cannot trust."""
+    text encoder folder (default: the packaged one); `device`: auto, cpu or cuda (default: pyproject's `device`).
+    Raises `EdfedError` on a folder it cannot trust."""
     from client.model_folder import load_model as _load
 
-    return _load(path, encoder)
+    return _load(path, encoder, device)
 
 
 def read_table(path: str | Path, mapping: str | Path | dict | None = None, encoding: str | None = None) -> pd.DataFrame:

@@ -251,3 +251,11 @@ def test_the_documented_flags_and_api_exist(capsys):
     assert all(flag in help_text for flag in flags), flags
     for name in re.findall(r"edfed\.(\w+)\(", doc):
         assert callable(getattr(edfed, name)), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+def test_predict_on_cuda_without_a_gpu_exits_2_and_writes_nothing(site, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    assert _predict_cli(site, out, "--device", "cuda") == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err and not out.exists()
+    assert _predict_cli(site, out, "--device", "cpu") == 0 and out.exists()

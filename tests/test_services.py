@@ -304,3 +304,28 @@ def test_every_toml_key_is_documented_in_the_runbook():
     text = (REPO / "docs" / "deployment.md").read_text()
     missing = [key for key in [*SITE_KEYS, *COORDINATOR_KEYS] if f"| `{key}` |" not in text]
     assert not missing, f"docs/deployment.md has no table row for: {missing}"
+
+
+def test_a_supervisor_killed_outright_leaves_no_child_behind(tmp_path):
+    import psutil
+
+    sup = subprocess.Popen([sys.executable, "-c", _SUPERVISED, str(tmp_path)], cwd=REPO, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, pid = time.monotonic() + 60, None
+        while time.monotonic() < deadline and pid is None:
+            if (tmp_path / "status.json").exists():
+                pid = json.loads((tmp_path / "status.json").read_text())["children"]["steady"]["pid"]
+            time.sleep(0.2)
+        steady = psutil.Process(pid)
+        sup.kill()  # SIGKILL: no handler runs; the children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+        sup.wait(timeout=30)
+        steady.wait(timeout=20)
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGKILL)
+        if pid is not None:  # the grandchild (an app process's stand-in) is its parent's to stop: stop it here
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
