@@ -37,7 +37,7 @@ from common.errors import EdfedError
 from common.evaluation import evaluate_on_test, score_test, write_summary
 from common.exchange import frozen_init_fingerprint
 from common.features import load_tokenizer
-from common.files import private_dir
+from common.files import atomic_write, private_dir
 from common.metrics import mean_paired_gain
 from common.model import build_model
 from common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
@@ -67,6 +67,7 @@ def local_only_models(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
 CANDIDATES = ("global", "global + regressions", "personalized", "global + local-only", "local-only",
               "regression: stacked", "regression: structured", "regression: tfidf")
 OWN_REGRESSION = "regression: stacked"  # the site's afternoon model, the second level joining must beat
+CANDIDATE_RISKS = "candidates.npz"  # in a site's deployed folder: "<split>|<candidate>" -> risks [n, 3], "|labels"
 
 
 def deployed_models(run_config: dict, data_dir: Path, run_dir: Path) -> dict:
@@ -155,8 +156,12 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     for split in ("val", "test"):
         risks[split]["global + regressions"] = stack.predict(peers, risks[split]["global"], parts[split])
     labels = {split: parts[split][list(OUTCOMES)].to_numpy(float) for split in ("val", "test")}
-    recipes = deployment_recipes(labels["val"], risks["val"])
-    deployed = blend(recipes, labels["val"], risks["val"], risks["test"])
+    out_dir.mkdir(parents=True, exist_ok=True)  # every candidate's risks, kept at the site for audit and benchmarks
+    arrays = {**{f"{split}|{name}": r for split in ("val", "test") for name, r in risks[split].items()},
+              **{f"{split}|labels": y for split, y in labels.items()}}
+    atomic_write(out_dir / CANDIDATE_RISKS, lambda tmp: _save_npz(tmp, arrays))
+    recipes = fit_recipes(deployment_recipes(labels["val"], risks["val"]), labels["val"], risks["val"])
+    deployed = apply_recipes(recipes, risks["test"])
     result = {name: score_test(parts["test"], labels["test"], risks["test"][name], data_dir, out_dir / name, name,
                                full_config.bootstrap, full_config.seed)[0]
               for name in CANDIDATES}
@@ -166,7 +171,7 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
     compared = {"deployed": deployed, "local-only": risks["test"]["local-only"],
                 OWN_REGRESSION: risks["test"][OWN_REGRESSION]}
-    return ({**result, "choices": {o: describe(r) for o, r in recipes.items()}, "recipes": recipes},
+    return ({**result, "choices": {o: describe(r["parts"]) for o, r in recipes.items()}, "recipes": recipes},
             (labels["test"], compared))
 
 
@@ -179,18 +184,20 @@ LOCAL_ONLY_WEIGHT = 0.5
 _STACKED, _LOCAL = "global + regressions", "local-only"
 
 
-def deployment_recipes(val_labels: np.ndarray, val_risks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def deployment_recipes(val_labels: np.ndarray, val_risks: dict[str, np.ndarray],
+                       local_weight: float = LOCAL_ONLY_WEIGHT) -> dict[str, dict[str, float]]:
     """Per outcome, {candidate: weight} of the blend the site deploys. A model that ranks below chance on the
     validation split never takes part (nor does a stack whose global model does: then the site's own stacked
-    regression stands in); with neither part at or above chance, the site's own stacked regression alone."""
+    regression stands in); with neither part at or above chance, the site's own stacked regression alone.
+    `local_weight`: another weight than the public one, for benchmarks/deploy_blend.py only."""
     recipes = {}
     for k, outcome in enumerate(OUTCOMES):
         def fair(name: str) -> bool:
             return not _auroc(val_labels[:, k], val_risks[name][:, k]) < 0.5  # NaN (one class): nothing to judge by
 
         stacked = _STACKED if fair("global") and fair(_STACKED) else OWN_REGRESSION
-        parts = {stacked: 1 - LOCAL_ONLY_WEIGHT, _LOCAL: LOCAL_ONLY_WEIGHT}
-        parts = {name: w for name, w in parts.items() if fair(name)} or {OWN_REGRESSION: 1.0}
+        parts = {stacked: 1 - local_weight, _LOCAL: local_weight}
+        parts = {name: w for name, w in parts.items() if w > 0 and fair(name)} or {OWN_REGRESSION: 1.0}
         recipes[outcome] = {name: w / sum(parts.values()) for name, w in parts.items()}
     return recipes
 
@@ -200,20 +207,41 @@ def describe(recipe: dict[str, float]) -> str:
     return ", ".join(f"{name} {weight:.2g}" for name, weight in recipe.items())
 
 
-def blend(recipes: dict[str, dict[str, float]], val_labels: np.ndarray, val_risks: dict[str, np.ndarray],
-          risks: dict[str, np.ndarray]) -> np.ndarray:
-    """The deployed risks of the rows in `risks`: per outcome, the recipe's weighted mean of its parts' logits,
-    each scaled by its spread on the validation rows (a sharper model must not outvote the other by its scale
-    alone), then recalibrated on the validation split. float64: float32 could round apart values into ties."""
+def fit_recipes(parts: dict[str, dict[str, float]], val_labels: np.ndarray,
+                val_risks: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per outcome, the deployed model's whole recipe (the format `client.model_folder` saves): its parts'
+    weights, each part's logit scale (its spread on the validation rows: a sharper model must not outvote the
+    other by its scale alone) and the Platt recalibration fitted on the validation split (None where it cannot
+    be fitted or would reverse the ranking)."""
+    from client.model_folder import platt_parameters
+
+    recipes = {}
+    for k, outcome in enumerate(OUTCOMES):
+        scales = {name: float(np.std(_logit(val_risks[name][:, k]))) or 1.0 for name in parts[outcome]}
+        recipe = {"parts": dict(parts[outcome]), "scales": scales, "calibration": None}
+        recipe["calibration"] = platt_parameters(_blended(recipe, val_risks, k), val_labels[:, k])
+        recipes[outcome] = recipe
+    return recipes
+
+
+def apply_recipes(recipes: dict[str, dict], risks: dict[str, np.ndarray]) -> np.ndarray:
+    """The deployed risks [n, 3] of rows whose candidates' risks are `risks`. float64: float32 could round apart
+    values into ties."""
     out = np.empty(next(iter(risks.values())).shape)
     for k, outcome in enumerate(OUTCOMES):
-        val_z, z = np.zeros(len(val_labels)), np.zeros(len(out))
-        for name, weight in recipes[outcome].items():
-            scale = float(np.std(_logit(val_risks[name][:, k]))) or 1.0
-            val_z += weight * _logit(val_risks[name][:, k]) / scale
-            z += weight * _logit(risks[name][:, k]) / scale
-        out[:, k] = recalibrate(_sigmoid(val_z), val_labels[:, k], _sigmoid(z))
+        risk, calibration = _blended(recipes[outcome], risks, k), recipes[outcome]["calibration"]
+        out[:, k] = risk if calibration is None else _sigmoid(calibration[0] * _logit(risk) + calibration[1])
     return out
+
+
+def _blended(recipe: dict, risks: dict[str, np.ndarray], k: int) -> np.ndarray:
+    z = sum(weight * _logit(risks[name][:, k]) / recipe["scales"][name] for name, weight in recipe["parts"].items())
+    return _sigmoid(z)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with path.open("wb") as handle:  # a handle: given a path, numpy appends ".npz" to the temporary file's name
+        np.savez(handle, **arrays)
 
 
 def _auroc(y: np.ndarray, risk: np.ndarray) -> float:
@@ -224,32 +252,12 @@ def _auroc(y: np.ndarray, risk: np.ndarray) -> float:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
+    return 1 / (1 + np.exp(-np.clip(z, -30, 30)))  # as client.model_folder: the same risks in predict
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))
-
-
-def recalibrate(val_risk: np.ndarray, val_labels: np.ndarray, risk: np.ndarray) -> np.ndarray:
-    """`risk` recalibrated by a logistic fit of the validation labels on the validation logits (Platt scaling):
-    the ranking is kept (a fit that would reverse it, or one without both classes, leaves `risk` as it is)."""
-    from sklearn.linear_model import LogisticRegression
-
-    known = ~np.isnan(val_labels)
-    y = val_labels[known].astype(int)
-    if not 0 < y.sum() < len(y):
-        return risk
-    fit = LogisticRegression(C=100.0, max_iter=1000).fit(_logit(val_risk[known])[:, None], y)
-    if fit.coef_[0, 0] <= 0:
-        return risk
-    calibrated = fit.predict_proba(_logit(risk)[:, None])[:, 1]
-    # Clipping and float saturation at the extremes could tie risks that were apart: then the ranking would move.
-    order = np.argsort(risk, kind="stable")
-    if not np.array_equal(np.diff(risk[order]) > 0, np.diff(calibrated[order]) > 0):
-        return risk
-    return calibrated
 
 
 @dataclass

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from client.local_models import (CANDIDATES, LOCAL_ONLY_WEIGHT, OWN_REGRESSION, _GlobalStack, blend,
-                                 deployment_recipes, recalibrate)
+from client.local_models import (CANDIDATES, LOCAL_ONLY_WEIGHT, OWN_REGRESSION, _GlobalStack, apply_recipes,
+                                 deployment_recipes, fit_recipes)
 from common.contract import OUTCOMES
 from common.data import load_site_splits
 from common.metrics import evaluate
@@ -75,15 +75,17 @@ def test_the_blend_of_two_views_beats_either_and_ignores_their_scale():
     risks = {"global + regressions": 1 / (1 + np.exp(-views[0])), "local-only": 1 / (1 + np.exp(-views[1]))}
     risks["global"] = risks["global + regressions"]
     val, test = slice(0, 1000), slice(1000, None)
-    recipes = deployment_recipes(y[val], {n: r[val] for n, r in risks.items()})
-    deployed = blend(recipes, y[val], {n: r[val] for n, r in risks.items()}, {n: r[test] for n, r in risks.items()})
+    recipes = fit_recipes(deployment_recipes(y[val], {n: r[val] for n, r in risks.items()}), y[val],
+                          {n: r[val] for n, r in risks.items()})
+    deployed = apply_recipes(recipes, {n: r[test] for n, r in risks.items()})
     ours = evaluate(y[test], deployed, 0)
     for name, risk in risks.items():
         theirs = evaluate(y[test], risk[test], 0)
         assert all(ours[o]["auroc"] > theirs[o]["auroc"] + 0.01 for o in OUTCOMES), name
     # A sharper model (its logits three times as large) gets no more say: the blend's ranking is unchanged.
     sharp = {**risks, "local-only": 1 / (1 + np.exp(-3 * views[1]))}
-    again = blend(recipes, y[val], {n: r[val] for n, r in sharp.items()}, {n: r[test] for n, r in sharp.items()})
+    again = apply_recipes(fit_recipes({o: r["parts"] for o, r in recipes.items()}, y[val],
+                                      {n: r[val] for n, r in sharp.items()}), {n: r[test] for n, r in sharp.items()})
     for k in range(3):
         assert spearmanr(again[:, k], deployed[:, k]).statistic > 0.9999
 
@@ -102,11 +104,15 @@ def test_a_global_model_that_ranks_backwards_is_left_out_of_the_stack(site):
 
 def test_recalibration_keeps_the_ranking_and_fixes_a_miscalibrated_risk():
     rng = np.random.default_rng(1)
-    truth = rng.uniform(0.05, 0.9, 4000)
-    y = (rng.uniform(size=truth.size) < truth).astype(float)
-    under = truth**2  # under-predicts, as the DP global model did between 0.3 and 0.6
+    truth = rng.uniform(0.05, 0.9, (4000, 3))
+    y = (rng.uniform(size=truth.shape) < truth).astype(float)
+    under = {"local-only": truth**2}  # under-predicts, as the DP global model did between 0.3 and 0.6
     val, test = slice(0, 2000), slice(2000, None)
-    fixed = recalibrate(under[val], y[val], under[test])
-    assert (np.argsort(fixed, kind="stable") == np.argsort(under[test], kind="stable")).all()
-    assert np.mean((fixed - y[test]) ** 2) < np.mean((under[test] - y[test]) ** 2) - 0.002
-    assert np.array_equal(recalibrate(under[val], 1 - y[val], under[test]), under[test])  # reversed: untouched
+    parts = {o: {"local-only": 1.0} for o in OUTCOMES}
+    recipes = fit_recipes(parts, y[val], {"local-only": under["local-only"][val]})
+    fixed = apply_recipes(recipes, {"local-only": under["local-only"][test]})
+    for k in range(3):
+        assert spearmanr(fixed[:, k], under["local-only"][test, k]).statistic > 0.9999
+    assert np.mean((fixed - y[test]) ** 2) < np.mean((under["local-only"][test] - y[test]) ** 2) - 0.002
+    reversed_fit = fit_recipes(parts, 1 - y[val], {"local-only": under["local-only"][val]})
+    assert all(r["calibration"] is None for r in reversed_fit.values())  # a reversing fit is never applied
