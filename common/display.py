@@ -16,9 +16,12 @@ def make_console() -> Console:
 
 
 def progress_bar(enabled: bool = True) -> Progress:
+    """A bar on a terminal; none in a log file, where it could only leave its last frame behind (callers print a
+    line per step there instead)."""
+    console = make_console()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
-                    console=make_console())
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                    disable=not (enabled and console.is_terminal), console=console)
 
 
 class Phases:

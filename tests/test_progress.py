@@ -58,3 +58,14 @@ def test_the_end_names_the_next_commands():
     assert steps[1].startswith("next: edfed report runs/r")
     assert any("edfed personalize runs/r --data SITE_FILE" in s for s in steps)
     assert any("edfed predict runs/r --data SITE_FILE --out predictions.csv" in s for s in steps)
+
+
+def test_a_log_file_gets_no_bar_frame(capsys):
+    from common.display import progress_bar
+
+    with progress_bar() as progress:  # pytest's captured stdout is not a terminal, as a log file is not
+        task = progress.add_task("federated rounds", total=2, status="")
+        progress.advance(task, 2)
+        progress.console.print("round 2/2: 3 s")
+    out = capsys.readouterr().out
+    assert out == "round 2/2: 3 s\n"
