@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default=None,
                       help="auto, cpu or cuda: where the model runs (default: pyproject's device setting; auto: a "
                            "CUDA GPU where torch sees one)")
+    track_help = "log a finished run (settings, per-round and final metrics, privacy spent, figures) to MLflow"
+    track = sub.add_parser("track", help=track_help, description=track_help + " (pip install 'edfed[mlflow]')")
+    track.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's folder (with summary.json)")
+    track.add_argument("--uri", default="file:./mlruns",
+                       help="MLflow tracking URI (default: a local file store in ./mlruns; `mlflow ui` reads it)")
+    track.add_argument("--experiment", default="edfed", help="MLflow experiment name (default: edfed)")
     sweep_help = ("one simulated federation per privacy budget and seed, each audited with a membership-inference "
                   "attack: results.csv/.md, privacy_utility.png")
     sweep = sub.add_parser("privacy-sweep", help=sweep_help, description=sweep_help)
@@ -398,6 +404,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         from client.local_models import run_personalize
 
         run_personalize(args)
+    elif args.command == "track":
+        from simulations.tracking import track_run
+
+        run_id = track_run(args.run_dir, args.uri, args.experiment)
+        print(f"logged {args.run_dir} to MLflow ({args.uri}), run id {run_id}")
     elif args.command == "predict":
         from client.predict import run_predict
 
