@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"per-site privacy budget (default {D['epsilon']:g}; inf turns DP off)")
     sim.add_argument("--ledger-dir", type=Path, default=None,
                      help="keep the sites' privacy ledgers here (default: inside the run folder)")
+    sim.add_argument("--secure-aggregation", action="store_true", default=None,
+                     help="sum the sites' DP-GLM gradients with Flower's SecAgg+: the coordinator sees only the sum, "
+                          "and each site adds 1/sqrt(t) of the noise (docs/secure-aggregation.md)")
+    sim.add_argument("--secagg-sites", type=_positive_int, default=None,
+                     help="t: the sites whose noise shares every secure sum must hold (default: every site)")
+    sim.add_argument("--max-epsilon-without-secagg", type=_float_or_inf, default=None,
+                     help="each simulated site's bound on its epsilon from its own noise shares alone (default inf)")
     sim.add_argument("--local-baselines", action="store_true",
                      help="also train each site's local-only model as a baseline")
     sim.add_argument("--personalize", action="store_true",

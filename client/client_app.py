@@ -16,13 +16,25 @@ import os
 from collections.abc import Callable
 from logging import ERROR
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
 from client.instructions import guard_for
-from client.site import check_site, evaluate_site, settings_from_configs, train_round
+from client.site import (
+    check_site,
+    evaluate_site,
+    secagg_policy,
+    secure_contribution,
+    settings_from_configs,
+    train_round,
+)
 from common.config import TrainConfig
 from common.errors import EdfedError
 
@@ -69,15 +81,67 @@ def _site_and_config(msg: Message, context: Context):
 @_signed
 def check(msg: Message, context: Context) -> Message:
     settings, config, cfg = _site_and_config(msg, context)
-    metrics = check_site(settings, config, expected_fingerprint=str(cfg.get("encoder-fingerprint", "")))
+    metrics = check_site(settings, config, expected_fingerprint=str(cfg.get("encoder-fingerprint", "")),
+                         secure=cfg if bool(cfg.get("secure-aggregation", False)) else None)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),
                                        "site": ConfigRecord({"site-name": settings.name})}), reply_to=msg)
 
 
-@app.train()
-@_refuse_cleanly
-@_signed
+def _refusing_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    return _refuse_cleanly(call_next)(msg, context)
+
+
+def _signed_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """`_signed` as a mod: outside SecAgg+'s, so every stage of a secure round (its setup, key shares, masked
+    vector and unmasking messages) is checked before SecAgg+ reads it, and every answer it gives is signed."""
+    return _signed(call_next)(msg, context)
+
+
+def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's SecAgg+ (secaggplus_mod) for the messages of a secure round; a plain train message passes by.
+
+    At SecAgg+'s setup a deployed site checks, before it makes any key, that it accepts secure aggregation and
+    that the protocol's threshold is at least its min-secagg-sites; the round itself is checked again, against its
+    budget and max-epsilon-without-secagg, when its gradient is asked for (client.site.secure_round)."""
+    if RECORD_KEY_CONFIGS not in msg.content:
+        return call_next(msg, context)
+    setup = msg.content[RECORD_KEY_CONFIGS]
+    if setup.get(Key.STAGE) == Stage.SETUP and "data-path" in context.node_config:
+        policy = secagg_policy(dict(context.node_config))
+        threshold = int(setup.get(Key.THRESHOLD, 0))
+        if not policy:
+            raise EdfedError("this site does not take part in secure aggregation (its node config has no "
+                             "secure-aggregation=true); refusing the round")
+        if threshold < policy["min_secagg_sites"]:
+            raise EdfedError(f"SecAgg+'s threshold {threshold} is below this site's min-secagg-sites="
+                             f"{policy['min_secagg_sites']}; refusing the round")
+    return secaggplus_mod(msg, context, call_next)
+
+
+def _secure_train(msg: Message, context: Context) -> Message:
+    """A secure round's gradient (SecAgg+'s collect stage): Flower's legacy fit message in, a FitRes out, which
+    secaggplus_mod quantises and masks before anything leaves."""
+    cfg = dict(msg.content["fitins.config"])
+    settings = settings_from_configs(dict(context.node_config), cfg)
+    config = TrainConfig.from_message(json.loads(str(cfg["train-config"]))).replace(model=settings.model_path)
+    names = json.loads(str(cfg["array-names"]))
+    arrays = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content["fitins.parameters"], keep_input=True))
+    if len(names) != len(arrays):
+        raise EdfedError(f"the secure round names {len(names)} arrays and sends {len(arrays)}; refusing it")
+    threshold = int(context.state.config_records[RECORD_KEY_STATE]["threshold"])
+    contribution, units, metrics = secure_contribution(
+        settings, config, {n: torch.from_numpy(a.copy()) for n, a in zip(names, arrays, strict=True)}, cfg,
+        threshold)
+    if set(contribution) != set(names):
+        raise EdfedError("the secure round's arrays are not the GLM's; refusing it")
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([contribution[n] for n in names]), units, metrics)
+    return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+@app.train(mods=[_refusing_mod, _signed_mod, _secure_mod])
 def train(msg: Message, context: Context) -> Message:
+    if "fitins.config" in msg.content:
+        return _secure_train(msg, context)
     settings, config, cfg = _site_and_config(msg, context)
     state, metrics = train_round(
         settings, config, msg.content["arrays"].to_torch_state_dict(), run_id=str(cfg["run-id"]),

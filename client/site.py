@@ -41,8 +41,26 @@ from common.features import load_tokenizer
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel, build_model
-from common.privacy import DAY_SECONDS, GaussianNoise, PrivacyLedger, make_private, secure_gaussian, seeded_gaussian
-from common.train import cache_frozen_layers, glm_rows, glm_step, make_loader, make_optimizer, predict, train_epoch
+from common.privacy import (
+    DAY_SECONDS,
+    GaussianNoise,
+    PrivacyLedger,
+    epsilon_of,
+    make_private,
+    secure_gaussian,
+    seeded_gaussian,
+)
+from common.train import (
+    GLMRows,
+    cache_frozen_layers,
+    glm_noisy_gradient,
+    glm_rows,
+    glm_step,
+    make_loader,
+    make_optimizer,
+    predict,
+    train_epoch,
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,11 @@ class SiteSettings:
     max_queries_per_run: int | None = 10  # evaluations answered per run; None: no cap (simulation)
     # The float format of the frozen encoder pass on this machine (common.precision): "" = auto-detected.
     precision: str = ""
+    # Secure aggregation (docs/secure-aggregation.md): whether the site takes part, the smallest t (sites whose
+    # noise shares the sum is guaranteed to hold) it trusts, and the epsilon it keeps from its own shares alone.
+    secure_aggregation: bool = False
+    min_secagg_sites: int = 0
+    max_epsilon_without_secagg: float = math.inf
 
 
 def _flag(node_config: dict, key: str, default: bool) -> bool:
@@ -148,7 +171,7 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
             release_metrics=_flag(node_config, "release-metrics", False),
             release_timing=_flag(node_config, "release-timing", False),
             max_queries_per_run=int(node_config.get("max-queries-per-run", 10)),
-            precision=str(node_config.get("precision", "")))
+            precision=str(node_config.get("precision", "")), **secagg_policy(node_config))
     if "partition-id" not in node_config or "data-dir" not in message_config:
         raise EdfedError("this node has no `data-path` in its node config; start it with "
                          "--node-config 'data-path=\"/path/to/site.parquet\" epsilon=8.0 delta=1e-5'")
@@ -168,7 +191,34 @@ def settings_from_configs(node_config: dict, message_config: dict) -> SiteSettin
                         # Simulated sites replay exactly; each run seed and each `noise-draw` draws other noise.
                         dp_seed=f"{name}#seed{train_config.get('seed', 0)}" + (f"#draw{draw}" if draw else ""),
                         privacy_unit=str(message_config.get("site-privacy-unit", "patient")), create_ledger=True,
-                        release_metrics=True, release_timing=True, max_queries_per_run=None)
+                        release_metrics=True, release_timing=True, max_queries_per_run=None,
+                        # A simulated site accepts the run's secure rounds and takes its bounds from the run.
+                        secure_aggregation=_flag(message_config, "secure-aggregation", False),
+                        min_secagg_sites=int(message_config.get("secagg-sites", 0)),
+                        max_epsilon_without_secagg=float(message_config.get("max-epsilon-without-secagg",
+                                                                            math.inf)))
+
+
+def secagg_policy(node_config: dict) -> dict:
+    """A deployed site's secure-aggregation settings (node config `secure-aggregation`, `min-secagg-sites`,
+    `max-epsilon-without-secagg`): a site that accepts names both bounds, none is guessed for it."""
+    if not _flag(node_config, "secure-aggregation", False):
+        return {}
+    absent = [k for k in ("min-secagg-sites", "max-epsilon-without-secagg") if k not in node_config]
+    if absent:
+        raise EdfedError(f"this site's node config sets secure-aggregation=true but has no "
+                         f"{' or '.join(f'`{k}`' for k in absent)}: name the smallest number of sites whose noise the "
+                         "sum must hold (e.g. min-secagg-sites=4) and the epsilon the site keeps if secure "
+                         "aggregation fails (e.g. max-epsilon-without-secagg=30); refusing to join")
+    try:
+        sites = int(node_config["min-secagg-sites"])
+    except (TypeError, ValueError):
+        raise EdfedError(f"node config `min-secagg-sites` must be a whole number, got "
+                         f"{node_config['min-secagg-sites']!r}") from None
+    if sites < 2:
+        raise EdfedError(f"node config `min-secagg-sites` must be at least 2, got {sites}")
+    return {"secure_aggregation": True, "min_secagg_sites": sites,
+            "max_epsilon_without_secagg": _positive(node_config, "max-epsilon-without-secagg", math.inf)}
 
 
 SITE_CACHE = ".edfed-cache"  # in the site's data folder: the encoder's states of its notes, owner-only
@@ -313,12 +363,14 @@ def check_settings(config: TrainConfig, message_config: dict) -> None:
                          "refusing to train")
 
 
-def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint: str = "") -> dict[str, float]:
+def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint: str = "",
+               secure: dict | None = None) -> dict[str, float]:
     """Before a site's first round: its encoder matches, its table passes the data contract, its ledger reads.
 
     Raises EdfedError (its `offsite` message names file, column and rule, never a value) when the site
     cannot join; otherwise returns the scalars the coordinator logs: rounded split sizes, the budget and
     what is spent, and the release policy the coordinator needs to know (whether it may ask for metrics).
+    `secure`: the message config of a run of secure rounds, which the site joins only if all of it fits its bounds.
     """
     check_encoder(config, expected_fingerprint)
     load_site_splits(settings.name, settings.data_path, config.seed, settings.mapping)  # the contract, or refuse
@@ -330,7 +382,144 @@ def check_site(settings: SiteSettings, config: TrainConfig, expected_fingerprint
         ledger = PrivacyLedger.open(settings.ledger_path, create=settings.new_ledger_id)
         ledger.check_unit(settings.privacy_unit)
         metrics["epsilon-spent"] = ledger.spent(settings.delta)
+        if secure is not None:  # a run of secure rounds: joined only if all of it fits both of the site's bounds
+            round_ = secure_round(settings, config, secure)
+            metrics.update(_secure_projection(settings, ledger, round_, run_id=str(secure.get("run-id", ""))))
+    elif secure is not None:
+        raise EdfedError("secure aggregation sums DP updates; this site trains without DP (epsilon=inf)")
     return metrics
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a secure run asks of a site: t, the noise multiplier of the sum (public), and the run's steps."""
+
+    sites: int  # t: the sum holds at least t sites' shares (SecAgg+'s threshold >= t, checked at its setup)
+    noise: float  # the sum's noise multiplier; this site adds noise / sqrt(t)
+    total_steps: int
+
+    @property
+    def share(self) -> float:
+        return self.noise / math.sqrt(self.sites)
+
+
+def secure_round(settings: SiteSettings, config: TrainConfig, message_config: dict,
+                 threshold: int | None = None) -> SecureRound:
+    """The secure round the coordinator asks for, checked against the site's policy (before anything is spent).
+
+    `threshold`: SecAgg+'s reconstruction threshold this site agreed to at the protocol's setup; with every site
+    a neighbour of every other (edfed's setting), a round with fewer than `threshold` contributors aborts, so t
+    may not exceed it.
+    """
+    if not settings.secure_aggregation:
+        raise EdfedError("this site does not take part in secure aggregation (its node config has no "
+                         "secure-aggregation=true); refusing the round")
+    if not config.glm:
+        raise EdfedError("secure aggregation sums the DP-GLM's full-batch gradients only (architecture glm); "
+                         "refusing the round")
+    try:
+        round_ = SecureRound(int(message_config["secagg-sites"]), float(message_config["secagg-noise"]),
+                             int(message_config["num-rounds"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EdfedError(f"the coordinator's secure round has no valid secagg-sites, secagg-noise or num-rounds "
+                         f"({exc}); refusing it") from None
+    if round_.sites < max(2, settings.min_secagg_sites):
+        raise EdfedError(f"the coordinator's secure round guarantees the noise of {round_.sites} sites, fewer than "
+                         f"this site's min-secagg-sites={settings.min_secagg_sites}; refusing it")
+    if threshold is not None and threshold < round_.sites:
+        raise EdfedError(f"the secure round claims t={round_.sites} but SecAgg+'s threshold is {threshold}: a sum "
+                         "of fewer sites' shares could complete; refusing it")
+    if not (math.isfinite(round_.noise) and 0 < round_.noise <= MAX_SECAGG_NOISE) or round_.total_steps < 1:
+        raise EdfedError(f"the coordinator's secure round asks for noise {round_.noise!r} over "
+                         f"{round_.total_steps} steps; refusing it")
+    return round_
+
+
+MAX_SECAGG_NOISE = 1e3  # a larger noise multiplier is no privacy risk, but would drown the quantisation range
+
+
+def _secure_projection(settings: SiteSettings, ledger: PrivacyLedger, round_: SecureRound, run_id: str,
+                       ) -> dict[str, float]:
+    """The site's epsilon, and its epsilon from its own shares alone, after the run's remaining secure steps; raise
+    EdfedError when either passes its bound (the budget, the run and day caps; max-epsilon-without-secagg)."""
+    done = sum(int(h["steps"]) for h in ledger.history if h["run"] == run_id)
+    steps = max(1, round_.total_steps - done)
+    after = ledger.projected(round_.noise, 1.0, steps, settings.delta)
+    run_after = ledger.projected(round_.noise, 1.0, steps, settings.delta, run_id=run_id)
+    day_after = ledger.projected(round_.noise, 1.0, steps, settings.delta, since=time.time() - DAY_SECONDS)
+    alone = epsilon_of([*ledger.accounting(own_share=True), (round_.share, 1.0, steps)], settings.delta)
+    problems = [f"{name} would reach {value:.3g} (its bound {bound:g})" for name, value, bound in (
+        ("epsilon", after, settings.epsilon), ("this run's epsilon", run_after, settings.max_epsilon_per_run),
+        ("the last 24 hours' epsilon", day_after, settings.max_epsilon_per_day),
+        ("epsilon without secure aggregation", alone, settings.max_epsilon_without_secagg))
+        if value > bound * (1 + 1e-6)]
+    if problems:
+        raise EdfedError(f"this site refuses the secure run (t={round_.sites}, noise {round_.noise:.4g}, its share "
+                         f"{round_.share:.4g}, {steps} steps left): {'; '.join(problems)}")
+    return {"epsilon-projected": after, "epsilon-without-secagg-projected": alone}
+
+
+_GLM_ROWS: dict[tuple[str, str], GLMRows] = {}
+
+
+def _secure_rows(settings: SiteSettings, config: TrainConfig, model: OutcomeModel, data: VisitDataset) -> GLMRows:
+    """The GLM's features of the training split, kept in this process: a secure round is one step, and the
+    features depend on the frozen layers only (a process that serves several steps computes them once)."""
+    key = (_cache_key(settings, config, model.precision), settings.privacy_unit)
+    if key not in _GLM_ROWS:
+        _GLM_ROWS[key] = glm_rows(model, data, settings.privacy_unit)
+    return _GLM_ROWS[key]
+
+
+def secure_contribution(settings: SiteSettings, config: TrainConfig, global_state: dict[str, torch.Tensor],
+                        message_config: dict, threshold: int) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+    """One secure step at the site: (its noisy gradient sum / its declared units, those units, scalar metrics).
+
+    The gradient sum of the current global model over every training unit, plus Gaussian noise of multiplier
+    noise / sqrt(t): one Gaussian mechanism. SecAgg+ quantises it, weighted by the units, into the masked sum, so
+    the coordinator gets sum(gradient sums) / sum(units), one full-batch step of the pooled data. The spend is
+    recorded (both figures) before the arrays leave; a round refused by either bound spends nothing.
+    """
+    started = time.perf_counter()
+    run_id, step = str(message_config["run-id"]), int(message_config["server-round"])
+    check_encoder(config, str(message_config.get("encoder-fingerprint", "")))
+    check_global_state(global_state)
+    check_settings(config, {})
+    if not math.isfinite(settings.epsilon):
+        raise EdfedError("secure aggregation sums DP updates; this site trains without DP (epsilon=inf)")
+    round_ = secure_round(settings, config, message_config, threshold)
+    model = build_model(config, global_state, settings.precision or None)
+    expected_frozen = str(message_config.get("frozen-fingerprint", ""))
+    if expected_frozen and frozen_init_fingerprint(model) != expected_frozen:
+        raise EdfedError("this site's seeded frozen matrices differ from the server's; refusing to train")
+    data = site_dataset(settings, config, model, "train")
+    units = declared_train_units(settings)
+    with PrivacyLedger.locked(settings.ledger_path, create=settings.new_ledger_id) as ledger:
+        ledger.check_unit(settings.privacy_unit)
+        if ledger.trained(run_id, step):
+            raise EdfedError(f"step {step} of run {run_id} was already trained here; refusing it (its noise would "
+                             "be spent twice on the same question)")
+        projection = _secure_projection(settings, ledger, round_, run_id)
+        noise_draw = noise_source(settings, dp_rng_seed(settings, ledger))
+        rows = _secure_rows(settings, config, model, data)
+        weight_sum, bias_sum = glm_noisy_gradient(model, rows, round_.share, noise_draw)
+        contribution = {name: (value / units).numpy() for name, value in
+                        (("glm.weight", weight_sum), ("glm.bias", bias_sum))}
+        if not all(np.isfinite(v).all() for v in contribution.values()):
+            raise EdfedError("this round's gradient is not finite; refusing to send it")
+        ledger.record(round_.noise, 1.0, 1, unit=settings.privacy_unit, run_id=run_id, server_round=step,
+                      secagg_sites=round_.sites)
+        ledger.save()
+        metrics = {"refused": 0, "delta": settings.delta, "num-examples": units, "steps": 1,
+                   "epsilon": ledger.spent(settings.delta), "epsilon-budget": settings.epsilon,
+                   "epsilon-without-secagg": ledger.spent_without_secagg(settings.delta),
+                   "max-epsilon-without-secagg": settings.max_epsilon_without_secagg,
+                   "secagg-sites": round_.sites, "noise-multiplier": round_.noise, "share-noise": round_.share,
+                   "sample-rate": 1.0, "patient-level": float(settings.privacy_unit == "patient"),
+                   "bf16": float(model.precision == "bf16"), **projection}
+    if settings.release_timing:
+        metrics["round-seconds"] = time.perf_counter() - started
+    return contribution, units, metrics
 
 
 def dp_rng_seed(settings: SiteSettings, ledger: PrivacyLedger) -> int:

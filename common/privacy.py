@@ -227,13 +227,20 @@ class PrivacyLedger:
         with FileLock(f"{path}.lock", mode=FILE_MODE):
             yield PrivacyLedger.open(path, create=create)
 
-    def accounting(self, since: float | None = None) -> History:
-        """What the accountant composes; `since` (Unix seconds): only entries recorded then or later."""
-        return [(float(h["noise"]), float(h["sample-rate"]), int(h["steps"])) for h in self.history
+    def accounting(self, since: float | None = None, own_share: bool = False) -> History:
+        """What the accountant composes; `since` (Unix seconds): only entries recorded then or later. `own_share`:
+        a securely aggregated round at the noise of the site's own share alone (secure aggregation broken, or
+        the coordinator colluding with the other sites); any other round at its noise."""
+        noise = "share-noise" if own_share else "noise"
+        return [(float(h.get(noise, h["noise"])), float(h["sample-rate"]), int(h["steps"])) for h in self.history
                 if since is None or float(h.get("at", -math.inf)) >= since]
 
     def spent(self, delta: float) -> float:
         return epsilon_of(self.accounting(), delta)
+
+    def spent_without_secagg(self, delta: float) -> float:
+        """Epsilon from every round at what the site itself added (`accounting(own_share=True)`)."""
+        return epsilon_of(self.accounting(own_share=True), delta)
 
     def spent_by_run(self, run_id: str, delta: float) -> float:
         return self.projected(0.0, 0.0, 0, delta, run_id=run_id)
@@ -281,15 +288,30 @@ class PrivacyLedger:
         return noise
 
     def record(self, noise: float, sample_rate: float, steps: int, *, unit: str, run_id: str,
-               server_round: int) -> None:
-        self.history.append({"noise": float(noise), "sample-rate": float(sample_rate), "steps": int(steps),
-                             "unit": unit, "run": run_id, "round": int(server_round), "at": time.time()})
+               server_round: int, secagg_sites: int = 0) -> None:
+        """One round's spend. A securely aggregated round (`secagg_sites` = t > 0) added noise / sqrt(t) here: its
+        entry keeps both figures, `noise` (the sum's, with t sites' shares in it) and `share-noise` (this site's)."""
+        entry = {"noise": float(noise), "sample-rate": float(sample_rate), "steps": int(steps),
+                 "unit": unit, "run": run_id, "round": int(server_round), "at": time.time()}
+        if secagg_sites:
+            entry.update({"secagg-sites": int(secagg_sites), "share-noise": float(noise) / math.sqrt(secagg_sites)})
+        self.history.append(entry)
 
     def save(self) -> None:
         """Atomic, owner-only, fsynced write: a crash mid-save never leaves a ledger that forgets spent budget, and
         the spend is on disk before the arrays it paid for leave."""
         atomic_write_text(self.path, json.dumps({"id": self.id, "history": self.history, "plans": self.plans,
                                                  "queries": self.queries}, indent=1))
+
+
+def central_noise(epsilon: float, delta: float, steps: int) -> float:
+    """The smallest noise multiplier at which `steps` full-batch Gaussian steps cost at most `epsilon` (a
+    securely aggregated run's noise in the sum, public: each site adds its share and checks it against its own
+    budget); `inf` when not even MAX_NOISE fits."""
+    def fits(noise: float) -> bool:
+        return epsilon_of([(noise, 1.0, steps)], delta) <= epsilon
+
+    return smallest_fitting(fits, 0.1, MAX_NOISE) if fits(MAX_NOISE) else math.inf
 
 
 def smallest_fitting(fits, low: float, high: float) -> float:

@@ -154,15 +154,10 @@ def glm_gradient_sum(model: OutcomeModel, rows: GLMRows) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def glm_step(model: OutcomeModel, rows: GLMRows, divisor: float, noise_multiplier: float = 0.0,
-             noise: GaussianNoise | None = None) -> None:
-    """One full-batch gradient step of the GLM, in place: w -= lr * ((gradient sum + noise) / divisor + l2 * w).
-
-    With DP, the noise is Gaussian with standard deviation noise_multiplier * sensitivity on every coordinate (the
-    Gaussian mechanism at sample rate 1), drawn by `noise` (the site's own source). `divisor`: with DP, a public
-    constant of the site's (its declared size), never a count of its rows.
-    """
-    config = model.config
+def glm_noisy_gradient(model: OutcomeModel, rows: GLMRows, noise_multiplier: float = 0.0,
+                       noise: GaussianNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient sum (`glm_gradient_sum`) plus, with DP, Gaussian noise of standard deviation noise_multiplier *
+    sensitivity on every coordinate (the Gaussian mechanism at sample rate 1), drawn by `noise` (the site's own)."""
     weight_sum, bias_sum = glm_gradient_sum(model, rows)
     if noise_multiplier > 0:
         if noise is None:
@@ -170,8 +165,24 @@ def glm_step(model: OutcomeModel, rows: GLMRows, divisor: float, noise_multiplie
         scale = noise_multiplier * model.glm_sensitivity
         weight_sum += noise(tuple(weight_sum.shape), scale)
         bias_sum += noise(tuple(bias_sum.shape), scale)
+    return weight_sum, bias_sum
+
+
+@torch.no_grad()
+def glm_apply(model: OutcomeModel, weight_sum: torch.Tensor, bias_sum: torch.Tensor, divisor: float) -> None:
+    """w -= lr * (gradient sum / divisor + l2 * w), in place: post-processing of a (noisy) gradient sum."""
+    config = model.config
     model.glm.weight -= config.glm_lr * (weight_sum / divisor + config.glm_l2 * model.glm.weight)
     model.glm.bias -= config.glm_lr * (bias_sum / divisor + config.glm_l2 * model.glm.bias)
+
+
+def glm_step(model: OutcomeModel, rows: GLMRows, divisor: float, noise_multiplier: float = 0.0,
+             noise: GaussianNoise | None = None) -> None:
+    """One full-batch gradient step of the GLM, in place: w -= lr * ((gradient sum + noise) / divisor + l2 * w).
+
+    `divisor`: with DP, a public constant of the site's (its declared size), never a count of its rows.
+    """
+    glm_apply(model, *glm_noisy_gradient(model, rows, noise_multiplier, noise), divisor)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from common.evaluation import PooledEvaluation, write_summary
 from common.exchange import encoder_fingerprint, frozen_init_fingerprint
 from common.model import OutcomeModel, build_model
 from server.run_folder import RunFolder
+from server.secure import declared_units, run_secure_rounds, secure_message_config, secure_settings
 from server.signed_grid import SignedGrid
 from server.strategy import CheckedAggregation, make_strategy
 from server.summary import build_summary, site_data_seconds
@@ -61,9 +62,25 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round:
     folder.load_history(strategy, loop.rounds, upto=done)
 
     sites, refused, final_state = {}, [], state
+    secure = _flag(run_config.get("secure-aggregation", False))
     if done < loop.total:  # else a resumed run whose rounds had all been checkpointed: only its summary is left
-        joined, sites, refused = join(grid, strategy, site_config, run_config, loop.timings)
-        final_state = loop.run(grid, joined, state, site_config, float(run_config["round-timeout"]))
+        if secure:  # the sites check the whole secure run against their bounds before they join
+            if not config.glm:
+                raise EdfedError("secure-aggregation sums the DP-GLM's gradients: set architecture glm (or auto with "
+                                 "a finite epsilon)")
+            settings = secure_settings(run_config, (loop.total - done) * config.glm_steps)
+            check_config = ConfigRecord(secure_message_config(site_config, settings))
+        joined, sites, refused = join(grid, strategy, check_config if secure else site_config, run_config,
+                                      loop.timings)
+        if secure:
+            settings.units = declared_units(sites)
+            if len(joined) < settings.sites:
+                raise EdfedError(f"only {len(joined)} sites joined, fewer than secagg-sites={settings.sites}: no "
+                                 "secure round could hold t sites' noise")
+            final_state = run_secure_rounds(loop, grid, joined, state, site_config, settings, config.glm_steps,
+                                            float(run_config["round-timeout"]))
+        else:
+            final_state = loop.run(grid, joined, state, site_config, float(run_config["round-timeout"]))
 
     model.load_trainable_state(final_state)
     scoring = time.perf_counter()
@@ -78,6 +95,10 @@ def run_federation(grid: Grid, run_config: dict, pooled: bool = False, on_round:
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(folder.path, summary)
     return summary
+
+
+def _flag(value: object) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
 
 
 def site_message_config(run_config: dict, config: TrainConfig, meta: dict, run_dir: Path, done: int) -> ConfigRecord:
@@ -97,6 +118,8 @@ def site_message_config(run_config: dict, config: TrainConfig, meta: dict, run_d
         "site-epsilon": float(run_config["epsilon"]), "noise-draw": int(run_config["noise-draw"]),
         "site-delta": float(run_config["delta"]), "data-dir": str(run_config["data-dir"]),
         "run-dir": str(run_dir), "ledger-dir": str(run_config["ledger-dir"]), "model": str(config.model),
+        # A simulated site's bound on its epsilon from its own noise shares (a deployed site's node config sets it).
+        "max-epsilon-without-secagg": float(run_config.get("max-epsilon-without-secagg", math.inf)),
     })
 
 

@@ -33,7 +33,13 @@ def build_summary(run_config: dict, meta: dict, run_dir: Path, model: OutcomeMod
                          # subsampled ones by PLD (common.privacy.epsilon_of).
                          "accountant": ("exact Gaussian" if m.get("sample-rate") == 1.0 else "PLD")
                          if "noise-multiplier" in m else "none",
-                         "budget": m.get("epsilon-budget", math.inf), "refused_rounds": int(sum(
+                         "budget": m.get("epsilon-budget", math.inf),
+                         # Secure aggregation: t, and the epsilon from the site's own noise shares alone.
+                         **({"secagg_sites": int(m["secagg-sites"]),
+                             "epsilon_without_secagg": m["epsilon-without-secagg"],
+                             "max_epsilon_without_secagg": m.get("max-epsilon-without-secagg", math.inf)}
+                            if "secagg-sites" in m else {}),
+                         "refused_rounds": int(sum(
                              bool(r.get(site, {}).get("refused", 0)) for r in reports.values()))}
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sent = strategy.reply_bytes

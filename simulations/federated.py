@@ -171,7 +171,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
     n_sites = len(site_files(data_dir))
     epsilon = float(run_config["epsilon"])
     console.print(f"simulating {n_sites} sites, {run_config['num-server-rounds']} rounds of "
-                  f"{run_config['strategy']}, per-site epsilon {'off' if math.isinf(epsilon) else epsilon}")
+                  f"{run_config['strategy']}, per-site epsilon {'off' if math.isinf(epsilon) else epsilon}"
+                  + (", secure aggregation (SecAgg+)" if run_config.get("secure-aggregation") else ""))
     with phases("federation"):
         summary = simulate(run_config, n_sites, verbose=getattr(args, "verbose", False))
     run_dir = Path(str(run_config["run-dir"]))
@@ -214,10 +215,16 @@ def print_federated(summary: dict, console: Console) -> None:
     for col in ("site", "epsilon spent", "budget", "delta", "noise", "sample rate", "steps", "accountant",
                 "refused rounds"):
         privacy.add_column(col)
+    secure = any("secagg_sites" in p for p in summary["privacy"].values())
+    if secure:  # the sum's noise held t sites' shares; what each site's own shares alone would give
+        privacy.add_column("t")
+        privacy.add_column("epsilon without secagg")
     for site, p in summary["privacy"].items():
         privacy.add_row(site, f"{p['epsilon']:.3f}", f"{p['budget']}", f"{p['delta']:g}",
                         f"{p['noise_multiplier']:.3f}", f"{(p['sample_rate'] or 0):.4f}", str(p["steps"]),
-                        str(p.get("accountant", "")), str(p["refused_rounds"]))
+                        str(p.get("accountant", "")), str(p["refused_rounds"]),
+                        *([str(p.get("secagg_sites", "")), f"{p.get('epsilon_without_secagg', math.nan):.3f}"]
+                          if secure else []))
     console.print(privacy)
     deployment = summary.get("deployment")
     if deployment:
