@@ -163,11 +163,17 @@ def _privacy(summary: dict) -> list[str]:
         kind = summary.get("kind")
         return [*lines, "No differential privacy: " + ("pooled training on one machine." if kind == "central"
                                                       else "no site trained with DP."), ""]
+    secure = any("secagg_sites" in p for p in privacy.values())  # docs/secure-aggregation.md
     rows = [[site, _num(p.get("epsilon")), _num(p.get("budget")), _setting(p.get("delta")),
              _num(p.get("noise_multiplier")), _num(p.get("sample_rate"), 4), _num(p.get("steps")),
-             _num(p.get("refused_rounds"))] for site, p in privacy.items()]
+             _num(p.get("refused_rounds")),
+             *([_num(p.get("secagg_sites")), _num(p.get("epsilon_without_secagg"))] if secure else [])]
+            for site, p in privacy.items()]
     lines += markdown_table(["site", "ε spent", "ε budget", "δ", "noise multiplier", "sample rate", "steps",
-                             "refused rounds"], rows)
+                             "refused rounds", *(["t", "ε without secure aggregation"] if secure else [])], rows)
+    lines += [] if not secure else ["Secure aggregation: the noise multiplier is the sum's, with t sites' "
+                                    "shares in it; ε without secure aggregation is each site's from its own shares "
+                                    "alone (SecAgg+ broken, or the coordinator colluding with every other site).", ""]
     return [*lines, "ε is per site and privacy unit (patient by default; the ledger records which), from the RDP "
             "accountant; ∞ means the site trained without DP.", ""]
 

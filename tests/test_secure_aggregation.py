@@ -29,6 +29,7 @@ from common.credentials import site_key
 from common.errors import EdfedError
 from common.model import build_model
 from common.privacy import PrivacyLedger, epsilon_of
+from common.report import _privacy as privacy_section
 from common.signing import ENVELOPE, coordinator_key
 from server.federation import run_federation
 from simulations.cohort import generate_cohort
@@ -205,6 +206,9 @@ def test_every_secure_stage_message_is_signed_and_each_site_records_both_epsilon
         assert privacy["secagg_sites"] == SITES and privacy["steps"] == 2
         assert privacy["epsilon"] == pytest.approx(with_secagg)
         assert privacy["epsilon_without_secagg"] == pytest.approx(alone)
+    report = "\n".join(privacy_section(summary))  # edfed report's privacy table: both figures per site
+    assert "| t | ε without secure aggregation |" in report
+    assert f"| {summary['privacy']['site-1']['epsilon_without_secagg']:.3f} |" in report
 
 
 def test_an_unsigned_secure_stage_message_is_refused(keys, tmp_path):
