@@ -77,10 +77,10 @@ POOLED_PREDICTIONS = "test-predictions.parquet"  # a simulation's pooled test ri
 
 
 def plot_with_references(run_dir: Path, final: dict, data_dir: Path, title: str,
-                         references: dict[str, np.ndarray]) -> list[Path]:
-    """A simulated run's roc.png and calibration.png drawn again with more curves on the same pooled test rows
-    (e.g. the regression peers, fitted after the federation), from its saved POOLED_PREDICTIONS."""
-    predictions = pd.read_parquet(run_dir / POOLED_PREDICTIONS)
+                         references: dict[str, np.ndarray], predictions_path: Path | None = None) -> list[Path]:
+    """A run's roc.png and calibration.png drawn again with more curves on the same pooled test rows (e.g. the
+    regression peers, fitted after the model), from its saved test predictions (default: POOLED_PREDICTIONS)."""
+    predictions = pd.read_parquet(predictions_path or run_dir / POOLED_PREDICTIONS)
     labels = predictions[list(OUTCOMES)].to_numpy(float)
     probs = predictions[[f"p_{o}" for o in OUTCOMES]].to_numpy(float)
     oracle = oracle_risks(data_dir, predictions)

@@ -17,7 +17,14 @@ from common.config import TrainConfig
 from common.data import load_cohort
 from common.display import Phases, make_console
 from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, print_metrics, print_peers, write_summary
+from common.evaluation import (
+    POOLED_PREDICTIONS,
+    evaluate_on_test,
+    plot_with_references,
+    print_metrics,
+    print_peers,
+    write_summary,
+)
 from common.features import load_tokenizer
 from common.peers import regression_peers
 from common.precision import machine_facts
@@ -63,13 +70,16 @@ def train_central(config: TrainConfig, data_dir: Path, out: Path, cohort: pd.Dat
     model, history = fit_model(config, train, val, tokenizer, phases=phases)
     out.mkdir(parents=True, exist_ok=True)
     save_trainable_state(model, out / "model.safetensors")  # before summary.json: a finished run has its model
+    title = title or f"central, {config.modality}"
+    predictions_path = out / ("predictions.parquet" if predictions else POOLED_PREDICTIONS)
     with phases("test evaluation"):
-        final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out,
-                                           title or f"central, {config.modality}",
-                                           out / "predictions.parquet" if predictions else None)
+        final, per_site = evaluate_on_test(model, test, tokenizer, data_dir, out, title, predictions_path)
     # The regressions a statistician fits first, on the same training and test rows: does the model earn its cost?
     with phases("regression peers"):
-        peers = regression_peers(train, test, data_dir, config.bootstrap, config.seed, console=console)
+        curves: dict = {}
+        peers = regression_peers(train, test, data_dir, config.bootstrap, config.seed, console=console,
+                                 curves=curves)
+        plot_with_references(out, final, data_dir, f"{title}, and its regression peers", curves, predictions_path)
     trainable_bytes = sum(t.numel() * t.element_size() for t in model.trainable_state().values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     summary = {
