@@ -329,3 +329,19 @@ def test_a_supervisor_killed_outright_leaves_no_child_behind(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_add_site_takes_only_a_site_key_and_never_twice(parties, tmp_path, capsys, monkeypatch):
+    root, _ = parties
+    config = _coordinator_config(root, tmp_path)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", _NoProcess)  # refused before flwr is called
+    assert edfed(["coordinator", "add-site", "--config", str(config), "ed-site-9",
+                  str(root / "consortium" / "consortium.pub")]) == 2
+    assert "not the EC P-384 key `edfed deploy site-key` writes" in capsys.readouterr().err
+    (root / "site-keys" / "ed-site-1.pub").write_bytes((root / "site-1" / "ed-site-1.pub").read_bytes())
+    try:
+        assert edfed(["coordinator", "add-site", "--config", str(config), "ed-site-1",
+                      str(root / "site-1" / "ed-site-1.pub")]) == 2
+        assert "ed-site-1 is registered already" in capsys.readouterr().err
+    finally:
+        (root / "site-keys" / "ed-site-1.pub").unlink()
