@@ -261,3 +261,77 @@ def test_tls_authenticated_federation_survives_a_dead_site_and_a_coordinator_res
     lines = {line for note in notes.stack().dropna() for line in str(note).splitlines() if len(line) > 30}
     assert lines and not [line for line in lines if line in logs]
     print(f"deployment timings (s; round-timeout {round_timeout:.0f} s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+def test_a_secure_round_over_tls_aborts_when_a_site_dies_and_every_site_is_charged_for_what_it_sent(
+        deployment, tiny_encoder):
+    """Secure aggregation (docs/secure-aggregation.md) with real processes: TLS, node authentication, every message
+    signed. With t = 6 of six sites, site-6 is killed once it has recorded its first secure step (its masked vector
+    is then out, or about to be): that step cannot be unmasked and aborts, the next one aborts at its setup, the
+    global model stays as it was, and each site's ledger holds what it released in the aborted step."""
+    root, processes, env = deployment
+    data = generate_cohort(root / "data", visits_per_site=60, seed=1)
+    creds, signing, site_keys = root / "creds", root / "signing", root / "site-keys"
+    assert edfed(["deploy", "init", "--out", str(creds)]) == 0
+    for k in SITES:
+        assert edfed(["deploy", "site-key", f"ed-site-{k}", "--out", str(creds)]) == 0
+    assert edfed(["deploy", "coordinator-key", "--out", str(signing)]) == 0
+    site_keys.mkdir()
+    for k in SITES:
+        (site_keys / f"ed-site-{k}.pub").write_bytes((creds / f"ed-site-{k}.pub").read_bytes())
+    port = _free_port()
+    processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile",
+                    str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth",
+                    "--port", str(port), "--database", str(root / "superlink.db"),
+                    "--disable-runtime-dependency-installation")
+    _wait_for("the SuperLink", lambda: "Uvicorn running" in processes.log("superlink"), 60)
+    (root / "flwr_home").mkdir(exist_ok=True)
+    (root / "flwr_home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "edfed"\n\n[superlink.edfed]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n')
+    ledgers = {k: root / "hospital" / f"site-{k}.ledger.json" for k in SITES}
+    for k in SITES:
+        _flwr(env, "supernode", "register", str(creds / f"ed-site-{k}.pub"), "edfed", "--name", f"ed-site-{k}")
+        assert edfed(["ledger", "init", str(ledgers[k])]) == 0
+        node_config = (f'data-path="{data / f"site-{k}.parquet"}" epsilon=8.0 delta=1e-5 declared-patients=50 '
+                       f'ledger-path="{ledgers[k]}" cache-dir="{root / "hospital" / f"cache-{k}"}" '
+                       f'model-path="{tiny_encoder}" coordinator-key="{signing / "coordinator.pub"}" '
+                       f'site-key="{creds / f"ed-site-{k}.key"}" secure-aggregation=true min-secagg-sites=6 '
+                       'max-epsilon-without-secagg=100.0')
+        processes.start(f"site-{k}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                        str(creds / "ca.crt"), "--auth-supernode-private-key", str(creds / f"ed-site-{k}.key"),
+                        "--port", str(_free_port()), "--node-config", node_config)
+
+    _, round_timeout = _round_timeout(data / "site-1.parquet", tiny_encoder, root / "calibration", len(SITES))
+    run_dir = root / "run"
+    out = _flwr(env, "run", ".", "edfed", "--run-config",
+                f'num-server-rounds=1 glm-steps=2 architecture="glm" epsilon=8.0 secure-aggregation=true '
+                f'secagg-sites=6 model="{tiny_encoder}" data-dir="" round-timeout={round_timeout:.0f} '
+                f'join-timeout=120 min-sites=3 run-dir="{run_dir}" '
+                f'coordinator-key="{signing / "coordinator.key"}" site-keys="{site_keys}"')
+    run_id = re.search(r"run (\d+)", out).group(1)
+
+    def recorded(k: int) -> list[dict]:
+        return json.loads(ledgers[k].read_text())["history"] if ledgers[k].exists() else []
+
+    _wait_for("site-6's first secure step in its ledger", lambda: recorded(6), 900, every=0.2)
+    processes.stop("site-6", signal.SIGKILL)
+    try:
+        summary = json.loads(_wait_for("summary.json", lambda: (run_dir / "summary.json").exists()
+                                       and run_dir / "summary.json", 1200, every=1.0).read_text())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_flwr(env, 'log', run_id, 'edfed', '--show')[-6000:]}") from None
+
+    aborted = [r for r in summary["rejected_updates"] if r.get("why") == "secure round aborted"]
+    assert [r["step"] for r in aborted] == [1, 2]  # neither step was unmasked: no sum of fewer than six shares
+    from safetensors.torch import load_file
+
+    before, after = (load_file(run_dir / "checkpoints" / f"round-{r}.safetensors") for r in (0, 1))
+    assert all(bool((before[n] == after[n]).all()) for n in before)  # the global model stayed as it was
+    for k in SITES:  # what each site released in step 1 is charged, though the step aborted; step 2 spent nothing
+        history = recorded(k)
+        assert [h["round"] for h in history] == [1], (k, history)
+        assert history[0]["secagg-sites"] == 6 and history[0]["share-noise"] < history[0]["noise"]
+    # Every site joined the secure run after checking it against its bounds; none was refused.
+    assert set(summary["sites"]) == {f"site-{k}" for k in SITES} and not summary["refused_sites"]
+    assert not summary["forged_replies"]
