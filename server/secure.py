@@ -88,6 +88,16 @@ def secure_message_config(site_config: ConfigRecord, settings: SecureSettings) -
             "secagg-noise": settings.noise, "num-rounds": settings.total_steps, "round-offset": 0}
 
 
+class _ReportingWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, unchanged, but for the sites' scalar reports of the collect stage, kept for the
+    strategy even when the step then aborts: a site that released its masked vector has spent, and says so."""
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        carry_on = super().collect_masked_vectors_stage(grid, context, state)
+        context.strategy.collected = list(state.legacy_results)
+        return carry_on
+
+
 class _SumOnly(Strategy):
     """The legacy strategy SecAggPlusWorkflow drives: it names the joined sites and keeps the unmasked sum."""
 
@@ -95,6 +105,7 @@ class _SumOnly(Strategy):
         self.grid, self.nodes, self.config = grid, nodes, config
         self.aggregate: list[np.ndarray] | None = None
         self.results: list[tuple[GridClientProxy, FitRes]] = []
+        self.collected: list[tuple[GridClientProxy, FitRes]] = []  # the sites' reports, also of an aborted step
         self.failures: list = []
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -129,7 +140,7 @@ def secure_sum(grid: Grid, nodes: list[int], state: dict[str, torch.Tensor], con
     (their noisy gradient sums over sum of units, in `state`'s order), or None when the round aborted."""
     names = list(state)
     strategy = _SumOnly(grid, nodes, {**config, "array-names": json.dumps(names)})
-    workflow = SecAggPlusWorkflow(
+    workflow = _ReportingWorkflow(
         num_shares=1.0,  # every site a neighbour of every other: a round with fewer than t contributors aborts
         reconstruction_threshold=settings.sites, max_weight=settings.max_weight,
         clipping_range=settings.clipping_range(sensitivity), timeout=timeout)
@@ -166,7 +177,7 @@ def run_secure_rounds(loop, grid: Grid, joined: set[int], state: dict[str, torch
             config = {**secure_message_config(site_config, settings), "server-round": step}
             aggregate, outcome = secure_sum(grid, nodes, model.trainable_state(), config, settings,
                                             model.glm_sensitivity, timeout)
-            for proxy, fitres in outcome.results:
+            for proxy, fitres in outcome.collected:
                 site = strategy.site_of(proxy.node_id)
                 steps = int(reports.get(site, {}).get("steps", 0)) + 1
                 reports[site] = {**{k: float(v) for k, v in fitres.metrics.items()}, "steps": steps}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
 
 import client.client_app as client_module
 import server.secure as secure_module
@@ -285,3 +287,49 @@ def test_a_site_refuses_a_secure_round_outside_its_bounds_and_spends_nothing(
     assert set(arrays) == {"glm.weight", "glm.bias"} and units == 42
     assert metrics["epsilon-without-secagg"] > metrics["epsilon"] > 0
     assert PrivacyLedger.open(tmp_path / "ledger.json").history[-1]["secagg-sites"] == 6
+
+
+class DroppingGrid(StatefulGrid):
+    """Node `dead` stops answering from SecAgg+ stage `stage` on (its message is delivered, no reply comes back)."""
+
+    def __init__(self, *args, dead: int, stage: str) -> None:
+        super().__init__(*args)
+        self.dead, self.stage, self.gone = dead, stage, False
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        kept = []
+        for msg, reply in zip(messages, replies, strict=True):
+            config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if msg.metadata.dst_node_id == self.dead and config is not None and config.get(Key.STAGE) == self.stage:
+                self.gone = True
+            if not (self.gone and msg.metadata.dst_node_id == self.dead):
+                kept.append(reply)
+        return kept
+
+
+@pytest.mark.parametrize("t, stage, completes", [
+    (SITES, Stage.UNMASK, False),  # its masked vector is in, but its key shares never come: the step aborts
+    (2, Stage.COLLECT_MASKED_VECTORS, True),  # t = 2 of 3: the two survivors' shares still hold the promised noise
+])
+def test_a_site_that_drops_mid_round_never_leaves_the_sum_with_less_noise(cohort, tmp_path, tiny_encoder, keys, t,
+                                                                          stage, completes):
+    grid = DroppingGrid(*_nodes(keys), dead=102, stage=stage)
+    run_dir = tmp_path / "run"
+    summary = run_federation(grid, _run_config(cohort, run_dir, tiny_encoder, keys, **{"secagg-sites": t,
+                                                                                        "glm-steps": 1}),
+                             pooled=False)
+    before, after = (load_file(run_dir / "checkpoints" / f"round-{r}.safetensors") for r in (0, 1))
+    changed = any(not torch.equal(before[n], after[n]) for n in before)
+    aborted = [r for r in summary["rejected_updates"] if r.get("why") == "secure round aborted"]
+    assert changed == completes and bool(aborted) != completes
+    ledgers = {k: PrivacyLedger.open(run_dir / "ledgers" / f"site-{k}.json").history for k in (1, 2, 3)}
+    assert len(ledgers[1]) == len(ledgers[2]) == 1 and ledgers[1][0]["secagg-sites"] == t
+    # The site that dropped had recorded the step before its answer was lost: charged, whether or not it arrived.
+    assert len(ledgers[3]) == 1
+    # The summary shows what each site whose masked vector arrived spent, the aborted step included.
+    released = {"site-1", "site-2", "site-3"} if stage == Stage.UNMASK else {"site-1", "site-2"}
+    assert set(summary["privacy"]) == released
+    assert all(summary["privacy"][s]["epsilon_without_secagg"] > summary["privacy"][s]["epsilon"] > 0
+               for s in released)
