@@ -156,9 +156,15 @@ def _regression_arrays(peers, stack) -> tuple[dict[str, torch.Tensor], dict, lis
             arrays[f"{p}/tfidf/intercept"] = _array(fit.tfidf.intercept_)
             arrays.update(_scaled_linear(fit.stack, f"{p}/stack"))
     if stack is not None:
-        for outcome, pipeline in stack.fits.items():
-            if pipeline is not None:
-                arrays.update(_scaled_linear(pipeline, f"global-stack/{outcome}"))
+        settings["global_stack"] = {}
+        for outcome, fit in stack.fits.items():
+            if fit is None:
+                continue
+            # (fit, whether it reads the global model's logit): a stack whose fit would weigh the global model at or
+            # below zero is the regressions' alone (client.local_models._GlobalStack); a bare fit reads both
+            pipeline, uses_global = fit if isinstance(fit, tuple) else (fit, True)
+            arrays.update(_scaled_linear(pipeline, f"global-stack/{outcome}"))
+            settings["global_stack"][outcome] = {"uses_global": bool(uses_global)}
     return arrays, settings, vocabulary
 
 
@@ -429,11 +435,13 @@ class DeployedModel:
 
     def _global_stack(self, global_risk: np.ndarray, table: pd.DataFrame) -> np.ndarray:
         logits, out = self._peers.logits(table), global_risk.copy()
+        stacks = self._regressions.get("global_stack", {})
         for k, outcome in enumerate(OUTCOMES):
             prefix = f"global-stack/{outcome}"
             if f"{prefix}/coef" in self._arrays:
                 x = np.column_stack([_logit(global_risk[:, k]), logits[:, k]])
-                out[:, k] = _pipeline(self._arrays, prefix).predict_proba(x)[:, 1]
+                uses_global = stacks.get(outcome, {}).get("uses_global", True)
+                out[:, k] = _pipeline(self._arrays, prefix).predict_proba(x if uses_global else x[:, 1:])[:, 1]
         return out
 
     def predict_proba(self, table: pd.DataFrame | str | Path, mapping: Path | str | dict | None = None,

@@ -47,7 +47,10 @@ class _Stack:
             fit = peers.fits[outcome]
             x = np.column_stack([np.log(global_train[fit.known, k] / (1 - global_train[fit.known, k])), fit.oof])
             y = train[outcome].to_numpy(float)[fit.known].astype(int)
-            self.fits[outcome] = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
+            # safe discharge: the regressions' alone, as a stack does whose global model ranks no better than chance
+            uses_global = outcome != "safe_discharge"
+            self.fits[outcome] = (make_pipeline(StandardScaler(), LogisticRegression()).fit(
+                x if uses_global else x[:, 1:], y), uses_global)
 
 
 def _randomised(model, seed: int):
@@ -88,6 +91,7 @@ def site(tmp_path_factory, tiny_encoder):
         stack=stack, metrics=metrics, privacy={"epsilon": 8.0, "delta": 1e-5, "privacy_unit": "patient"},
         rows={"train": 60, "val": 10, "test": 10})
     return {"root": root, "folder": folder, "table": table, "peers": peers, "stack": stack, "global": global_model,
+            "train": train, "global_train": global_train, "run_config": run_config,
             "local": local_model, "encoder": tiny_encoder, "recipes": recipes}
 
 
@@ -125,9 +129,12 @@ def test_the_folder_reproduces_the_components(site):
     g, local = _risks(site["global"], table), _risks(site["local"], table)
     regressions = peers.predict(table)
     logits = peers.logits(table)
-    stacked_global = np.column_stack([
-        site["stack"].fits[o].predict_proba(np.column_stack([_logit(g[:, k]), logits[:, k]]))[:, 1]
-        for k, o in enumerate(OUTCOMES)])
+    def stacked(k: int, outcome: str) -> np.ndarray:
+        fit, uses_global = site["stack"].fits[outcome]
+        x = np.column_stack([_logit(g[:, k]), logits[:, k]])
+        return fit.predict_proba(x if uses_global else x[:, 1:])[:, 1]
+
+    stacked_global = np.column_stack([stacked(k, o) for k, o in enumerate(OUTCOMES)])
     expected = np.column_stack([
         regressions["stacked"][:, 0],
         1 / (1 + np.exp(-(1.2 * (0.5 * _logit(stacked_global[:, 1]) / 1.3 + 0.5 * _logit(local[:, 1]) / 0.7) - 0.1))),
@@ -259,3 +266,17 @@ def test_predict_on_cuda_without_a_gpu_exits_2_and_writes_nothing(site, tmp_path
     assert _predict_cli(site, out, "--device", "cuda") == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err and not out.exists()
     assert _predict_cli(site, out, "--device", "cpu") == 0 and out.exists()
+
+
+def test_the_sites_own_stack_predicts_as_at_the_site(site, tmp_path):
+    """client.local_models' stack of the global model with the regressions, saved and read back: its risks."""
+    from client.local_models import _GlobalStack
+
+    stack = _GlobalStack.fit(site["peers"], site["global_train"], site["train"])
+    folder = save_deployed_model(tmp_path / "model", site="site-4", run_config=site["run_config"],
+                                 encoder_fingerprint=encoder_fingerprint(site["encoder"]),
+                                 recipes={o: {"parts": {"global + regressions": 1.0}} for o in OUTCOMES},
+                                 models={"global": site["global"]}, peers=site["peers"], stack=stack)
+    got = edfed.load_model(folder, encoder=site["encoder"]).predict_proba(site["table"])
+    expected = stack.predict(site["peers"], _risks(site["global"], site["table"]), site["table"])
+    np.testing.assert_allclose(got[list(RISK_COLUMNS)].to_numpy(), expected, rtol=1e-9, atol=1e-12)
