@@ -209,14 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--local-baselines", action="store_true",
                      help="also train each site's local-only model as a baseline")
     sim.add_argument("--personalize", action="store_true",
-                     help="also choose each site's deployed model on its validation split: the global model, it "
-                          "fine-tuned at the site, the site's local-only model or their mean (no DP: stays there)")
+                     help="also build each site's deployed model at the site (the global model stacked with the "
+                          "site's regressions, blended with its local-only model; no DP: it stays there) and score "
+                          "it against what the site builds alone")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's full logs")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint (default: a new run)")
-    pers_help = ("a site chooses the model it deploys on its own validation split: a finished run's global model, "
-                 "it fine-tuned on the site's data, the site's local-only model or the mean of global and local "
-                 "(no DP: all of it stays at the site), and scores it on its own test split")
+    pers_help = ("a site builds the model it deploys from a finished run's global model: stacked with the site's "
+                 "own regressions and blended with its local-only model, recalibrated on its validation split (no "
+                 "DP: all of it stays at the site); it is scored on the site's test split against what the site "
+                 "builds alone, and saved as a model folder for edfed predict")
     pers = sub.add_parser("personalize", help=pers_help, description=pers_help)
     pers.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                       help="a copy of the coordinator's run folder: run.json and checkpoints/ (no patient data)")
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the site's mapping file (docs/data-contract.md; default: none, the contract's names)")
     pers.add_argument("--model", type=Path, default=None,
                       help="this site's copy of the run's encoder (default: the packaged all-MiniLM-L6-v2)")
+    pers.add_argument("--encoding", default=None,
+                      help="the CSV's text encoding (default: detected; a file that would lose text is refused)")
     pers.add_argument("--site-name", default=None, help="the site's name in outputs (default: the file's stem)")
     pers.add_argument("--out", type=Path, default=None, help="output folder (default: runs/personalized-<site>-<time>)")
     _add_precision_flag(pers)

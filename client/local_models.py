@@ -67,6 +67,7 @@ def local_only_models(run_config: dict, data_dir: Path, out_dir: Path) -> dict:
 CANDIDATES = ("global", "global + regressions", "personalized", "global + local-only", "local-only",
               "regression: stacked", "regression: structured", "regression: tfidf")
 OWN_REGRESSION = "regression: stacked"  # the site's afternoon model, the second level joining must beat
+DEPLOYED_MODEL = "model"  # in a site's deployed folder: what `edfed predict` and `edfed.load_model` read
 CANDIDATE_RISKS = "candidates.npz"  # in a site's deployed folder: "<split>|<candidate>" -> risks [n, 3], "|labels"
 
 
@@ -119,6 +120,8 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     """
     from safetensors.torch import load_file
 
+    from client.model_folder import save_deployed_model
+    from common.exchange import encoder_fingerprint
     from common.files import latest_checkpoint
     from common.peers import fit_peers
 
@@ -169,6 +172,14 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
                                     full_config.bootstrap, full_config.seed, out_dir / "predictions.parquet")[0]
     save_trainable_state(models["personalized"], out_dir / "personalized.safetensors")
     save_trainable_state(models["local-only"], out_dir / "local-only.safetensors")
+    save_deployed_model(
+        out_dir / DEPLOYED_MODEL, site=str(rows["site"].iloc[0]) if "site" in rows else out_dir.name,
+        run_config=run_config, encoder_fingerprint=encoder_fingerprint(full_config.encoder_dir)
+        if full_config.uses_text else "", recipes=recipes, models=models, peers=peers, stack=stack,
+        metrics={name: result[name] for name in ("deployed", *CANDIDATES)},
+        privacy={key.replace("-", "_"): {**RUN_DEFAULTS, **run_config}[key] for key in ("epsilon", "delta",
+                                                                                      "privacy-unit")},
+        rows={split: len(table) for split, table in parts.items()})
     compared = {"deployed": deployed, "local-only": risks["test"]["local-only"],
                 OWN_REGRESSION: risks["test"][OWN_REGRESSION]}
     return ({**result, "choices": {o: describe(r["parts"]) for o, r in recipes.items()}, "recipes": recipes},
@@ -192,7 +203,7 @@ def deployment_recipes(val_labels: np.ndarray, val_risks: dict[str, np.ndarray],
     `local_weight`: another weight than the public one, for benchmarks/deploy_blend.py only."""
     recipes = {}
     for k, outcome in enumerate(OUTCOMES):
-        def fair(name: str) -> bool:
+        def fair(name: str, k: int = k) -> bool:
             return not _auroc(val_labels[:, k], val_risks[name][:, k]) < 0.5  # NaN (one class): nothing to judge by
 
         stacked = _STACKED if fair("global") and fair(_STACKED) else OWN_REGRESSION
@@ -361,7 +372,7 @@ def run_personalize(args: argparse.Namespace) -> dict:
                   "model": str(args.model or "")}  # the coordinator's encoder path means nothing here
     name = args.site_name or args.data.stem
     config = local_only_config(run_config)
-    rows = load_site_splits(name, args.data, config.seed, args.mapping).table
+    rows = load_site_splits(name, args.data, config.seed, args.mapping, getattr(args, "encoding", None)).table
     out = args.out or Path("runs") / f"personalized-{name}-{datetime.now():%Y%m%d-%H%M%S}"
     result, _ = deploy_at_site(run_config, args.run_dir, rows, args.data.parent, out / name)
     summary = {"kind": "personalized", "config": {**run_config, "global-run": str(args.run_dir.resolve())},
@@ -373,6 +384,7 @@ def run_personalize(args: argparse.Namespace) -> dict:
     choices = ", ".join(f"{outcome}: {choice}" for outcome, choice in result["choices"].items())
     console.print(f"deployed model of {name}, per outcome: {choices}")
     console.print(f"wrote {out / 'summary.json'}; the site's models are in {out / name}")
+    console.print(f"predict with it: edfed predict {out / name / DEPLOYED_MODEL} --data NEW_VISITS --out risks.csv")
     return summary
 
 

@@ -58,8 +58,9 @@ class SiteSplits:
         return self.table[self.table["split"] == split]
 
 
-def load_site_splits(name: str, path: Path, seed: int, mapping: Path | None = None) -> SiteSplits:
-    table = load_site(path, mapping=mapping).copy()
+def load_site_splits(name: str, path: Path, seed: int, mapping: Path | None = None,
+                     encoding: str | None = None) -> SiteSplits:
+    table = load_site(path, mapping=mapping, encoding=encoding).copy()
     table["split"] = patient_split(table["patient_id"], seed)
     table["site"] = name
     return SiteSplits(name, table.reset_index(drop=True))

@@ -512,8 +512,8 @@ def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_g
     assert set(deployment["deployed"]) == sites and all(set(deployment[c]) == sites for c in CANDIDATES)
     for site in sites:  # the deployed model is, per outcome, a blend of the site's candidates, weights summing to 1
         for outcome, recipe in deployment["recipes"][site].items():
-            assert set(recipe) <= set(CANDIDATES) and sum(recipe.values()) == pytest.approx(1.0)
-            assert all(name in deployment["choices"][site][outcome] for name in recipe)
+            assert set(recipe["parts"]) <= set(CANDIDATES) and sum(recipe["parts"].values()) == pytest.approx(1.0)
+            assert all(name in deployment["choices"][site][outcome] for name in recipe["parts"])
     gain = deployment["gain_over_local_only"]["safe_discharge"]
     per_site = [deployment["deployed"][s]["safe_discharge"]["auroc"] - deployment["local-only"][s]["safe_discharge"]
                 ["auroc"] for s in sites]
@@ -561,10 +561,17 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "personalized" and set(summary["per_site"]) == {"site-2"}
     assert set(summary["final"]) == {"mortality_30d", "safe_discharge", "readmission_30d"}
-    assert all(set(recipe) <= set(summary) for recipe in summary["recipes"]["site-2"].values())
+    assert all(set(recipe["parts"]) <= set(summary) for recipe in summary["recipes"]["site-2"].values())
     tuned, global_state = load_file(out / "site-2" / "personalized.safetensors"), load_file(
         handed / "checkpoints" / "round-1.safetensors")
     assert set(tuned) > set(global_state)  # the whole model, not only what travelled
+    # The deployed model as the site keeps it: edfed predict gives the risks the deployment scored on its test rows.
+    assert main(["predict", str(out / "site-2" / "model"), "--data", str(cohort / "site-2.parquet"), "--model",
+                 str(tiny_encoder), "--out", str(tmp_path / "risks.csv")]) == 0
+    scored = pd.read_parquet(out / "site-2" / "predictions.parquet").set_index("visit_id")
+    predicted = pd.read_csv(tmp_path / "risks.csv", dtype={"visit_id": str}).set_index("visit_id").loc[scored.index]
+    for outcome in ("mortality_30d", "safe_discharge", "readmission_30d"):
+        assert np.allclose(predicted[f"risk_{outcome}"], scored[f"p_{outcome}"], atol=1e-6), outcome
 
     # Another encoder than the run's is refused, as a training site would refuse it, and nothing is written.
     meta = json.loads((handed / "run.json").read_text())
@@ -657,7 +664,7 @@ def test_a_federation_under_dp_sends_only_the_glm_and_a_site_deploys_from_it(coh
     rows = load_site_splits("site-2", cohort / "site-2.parquet", 0).table
     result, _ = deploy_at_site(run_config, run_dir, rows, cohort, tmp_path / "deployed")
     assert sorted(fitted) == ["full", "glm"]  # local-only: the full model; personalized: the GLM at home
-    assert all(set(recipe) <= set(CANDIDATES) for recipe in result["recipes"].values())
+    assert all(set(recipe["parts"]) <= set(CANDIDATES) for recipe in result["recipes"].values())
     again, _ = deploy_at_site(run_config, run_dir, rows, cohort, tmp_path / "deployed-again")
     assert sorted(fitted) == ["full", "glm", "glm"]  # the site's local-only model is kept, not retrained
     assert json.dumps(again["local-only"], sort_keys=True) == json.dumps(result["local-only"], sort_keys=True)
