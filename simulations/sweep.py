@@ -124,12 +124,14 @@ def point_row(folder: Path) -> dict:
     for outcome in OUTCOMES:
         for metric in METRICS:
             row[f"{outcome}_{metric}"] = summary["final"].get(outcome, {}).get(metric, math.nan)
-    gains = summary.get("deployment", {}).get("gain_over_local_only", {})
-    for outcome in OUTCOMES:  # mean over sites of deployed - local-only, each on the site's own test visits
-        gain = gains.get(outcome, {})
-        low, high = gain.get("mean_gain_ci", [math.nan, math.nan])
-        row.update({f"{outcome}_deployed_gain": gain.get("mean_gain", math.nan),
-                    f"{outcome}_deployed_gain_low": low, f"{outcome}_deployed_gain_high": high})
+    # Mean over sites of deployed - each of the two a site builds alone, each site on its own test visits.
+    for key, suffix in (("gain_over_local_only", "deployed_gain"), ("gain_over_own_regression", "regression_gain")):
+        gains = summary.get("deployment", {}).get(key, {})
+        for outcome in OUTCOMES:
+            gain = gains.get(outcome, {})
+            low, high = gain.get("mean_gain_ci", [math.nan, math.nan])
+            row.update({f"{outcome}_{suffix}": gain.get("mean_gain", math.nan),
+                        f"{outcome}_{suffix}_low": low, f"{outcome}_{suffix}_high": high})
     row.update({
         "epsilon_spent_max": max(spent) if spent else math.nan,
         "attack_auroc": audit.get("auroc", math.nan),
@@ -221,28 +223,32 @@ def _write_markdown(sweep_dir, settings, points, mean, sd, count, references, va
                       _fmt(r["epsilon_spent_max"], math.nan, 1, 2), _fmt(r["attack_auroc"], math.nan, 1),
                       _fmt(r["attack_tpr_at_fpr_1pct"], math.nan, 1), _fmt(r["wall_seconds"], math.nan, 1, 0),
                       f"[{r['folder']}]({r['folder']})"])
-    deployed = [[epsilon_label(r["epsilon"]), str(r["seed"]),
-                 *(f"{r[f'{o}_deployed_gain']:+.3f} ({r[f'{o}_deployed_gain_low']:+.3f}, "
-                   f"{r[f'{o}_deployed_gain_high']:+.3f})" if np.isfinite(r[f"{o}_deployed_gain"]) else "n/a"
-                   for o in OUTCOMES)]
-                for r in (row._asdict() for row in points.itertuples(index=False))]
+    def gain(r: dict, o: str, suffix: str) -> str:
+        if not np.isfinite(r.get(f"{o}_{suffix}", math.nan)):
+            return "n/a"
+        return f"{r[f'{o}_{suffix}']:+.3f} ({r[f'{o}_{suffix}_low']:+.3f}, {r[f'{o}_{suffix}_high']:+.3f})"
+
+    deployed = [[epsilon_label(r["epsilon"]), str(r["seed"]), label, *(gain(r, o, suffix) for o in OUTCOMES)]
+                for r in (row._asdict() for row in points.itertuples(index=False))
+                for label, suffix in (("local-only", "deployed_gain"), ("own stacked regression", "regression_gain"))]
     lines = [f"# Privacy sweep: {sweep_dir.name}", "",
              f"{settings.get('modality')} model, {settings.get('num-server-rounds')} rounds of "
              f"{settings.get('strategy')}, {settings.get('local-epochs')} local epoch(s), "
              f"delta {settings.get('delta')}, lr {settings.get('lr')} (with DP {settings.get('dp-lr')}), "
              f"batch {settings.get('batch-size')}; "
              f"data {settings.get('data-dir')}. "
-             "Metrics on the pooled held-out test split; epsilon is per site and privacy unit (patient by default; "
-             "RDP). The attack is "
+             "Metrics on the pooled held-out test split; epsilon is per site and privacy unit (patient by default), "
+             "as each site's ledger accounts it. The attack is "
              f"a loss-threshold membership inference on {settings.get('audit-site')} (train vs test visits, "
              "balanced): AUROC 0.5 = no measurable leakage.", "",
              "![privacy-utility](privacy_utility.png)", "",
              "## Mean ± sd over seeds", "", *markdown_table(["ε (budget)", "seeds", *heads, *figures], by_budget),
              "## Every point", "", *markdown_table(["ε", "seed", *heads, *figures, "folder"], every),
-             "## Each site's deployed model against its local-only model", "",
-             "Mean over sites of (deployed - local-only) test AUROC, each site on its own test visits, with the "
-             "paired 95% bootstrap interval (client.local_models).", "",
-             *markdown_table(["ε", "seed", *(short.get(o, o) for o in OUTCOMES)], deployed)]
+             "## Each site's deployed model against what it can build alone", "",
+             "Mean over sites of (deployed - local-only model) and of (deployed - the site's own stacked regression) "
+             "test AUROC, each site on its own test visits, with the paired 95% bootstrap interval "
+             "(client.local_models).", "",
+             *markdown_table(["ε", "seed", "deployed against", *(short.get(o, o) for o in OUTCOMES)], deployed)]
     atomic_write_text(sweep_dir / "results.md", "\n".join(lines))
 
 

@@ -104,7 +104,10 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
     gain = dp["deployment"]["gain_over_local_only"]["safe_discharge"]
     row = results[results["epsilon"] == 2.0].iloc[0]
     assert row["safe_discharge_deployed_gain"] == pytest.approx(gain["mean_gain"], nan_ok=True)
-    assert "deployed model against its local-only model" in markdown and f"{gain['mean_gain']:+.3f}" in markdown
+    regression = dp["deployment"]["gain_over_own_regression"]["safe_discharge"]
+    assert row["safe_discharge_regression_gain"] == pytest.approx(regression["mean_gain"], nan_ok=True)
+    assert "deployed model against what it can build alone" in markdown and f"{gain['mean_gain']:+.3f}" in markdown
+    assert f"{regression['mean_gain']:+.3f}" in markdown and "own stacked regression" in markdown
     assert f"{dp['final']['mortality_30d']['auroc']:.3f}" in markdown
     assert (out / "privacy_utility.png").stat().st_size > 10_000
 
