@@ -348,8 +348,8 @@ def site_models(summary: dict) -> dict[str, dict]:
 
 
 def _site_figure(run_dir: Path, summary: dict) -> list[str]:
-    models = site_models(summary)
-    if not models:
+    models = {name: per_site for name, per_site in site_models(summary).items() if per_site}
+    if not models:  # nothing per site to draw (a deployment summary may hold empty ones)
         return []
     from common.plots import plot_site_aurocs
 
