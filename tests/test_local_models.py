@@ -10,8 +10,15 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from client.local_models import (CANDIDATES, LOCAL_ONLY_WEIGHT, OWN_REGRESSION, _GlobalStack, apply_recipes,
-                                 deployment_recipes, fit_recipes)
+from client.local_models import (
+    CANDIDATES,
+    LOCAL_ONLY_WEIGHT,
+    OWN_REGRESSION,
+    _GlobalStack,
+    apply_recipes,
+    deployment_recipes,
+    fit_recipes,
+)
 from common.contract import OUTCOMES
 from common.data import load_site_splits
 from common.metrics import evaluate
