@@ -210,14 +210,7 @@ def secagg_policy(node_config: dict) -> dict:
                          f"{' or '.join(f'`{k}`' for k in absent)}: name the smallest number of sites whose noise the "
                          "sum must hold (e.g. min-secagg-sites=4) and the epsilon the site keeps if secure "
                          "aggregation fails (e.g. max-epsilon-without-secagg=30); refusing to join")
-    try:
-        sites = int(node_config["min-secagg-sites"])
-    except (TypeError, ValueError):
-        raise EdfedError(f"node config `min-secagg-sites` must be a whole number, got "
-                         f"{node_config['min-secagg-sites']!r}") from None
-    if sites < 2:
-        raise EdfedError(f"node config `min-secagg-sites` must be at least 2, got {sites}")
-    return {"secure_aggregation": True, "min_secagg_sites": sites,
+    return {"secure_aggregation": True, "min_secagg_sites": _whole(node_config, "min-secagg-sites", 2),
             "max_epsilon_without_secagg": _positive(node_config, "max-epsilon-without-secagg", math.inf)}
 
 
@@ -241,13 +234,16 @@ def _declared(node_config: dict) -> int:
                          "many patients its table holds (public: it sets the step size of its DP updates and its "
                          "weight in the average, and is never recounted from the rows); e.g. declared-patients=1200; "
                          "refusing to join")
+    return _whole(node_config, "declared-patients", 1)
+
+
+def _whole(node_config: dict, key: str, low: int) -> int:
     try:
-        value = int(node_config["declared-patients"])
+        value = int(node_config[key])
     except (TypeError, ValueError):
-        raise EdfedError(f"node config `declared-patients` must be a whole number, got "
-                         f"{node_config['declared-patients']!r}") from None
-    if value < 1:
-        raise EdfedError(f"node config `declared-patients` must be at least 1, got {value}")
+        raise EdfedError(f"node config `{key}` must be a whole number, got {node_config[key]!r}") from None
+    if value < low:
+        raise EdfedError(f"node config `{key}` must be at least {low}, got {value}")
     return value
 
 
