@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from common.data import VisitDataset, site_files
 from common.files import atomic_write, private_dir
 from common.metrics import evaluate
 from common.model import OutcomeModel, _transformer_layers, build_model, per_example_loss
-from common.precision import autocast
+from common.precision import autocast, cpu_name
 from common.privacy import PrivacyLedger, make_private
 from common.train import glm_rows, make_optimizer, predict, train_epoch
 
@@ -302,23 +301,13 @@ def run(args: argparse.Namespace) -> dict:
     result = {"split": args.split, "draw": args.draw, "epsilon": args.epsilon, "delta": args.delta,
               "glm_rounds": args.glm_rounds, "lora_rounds": args.lora_rounds if args.split < 1 else 0,
               "val": history[-1]["val"], "test": test, "history": history, "privacy": privacy,
-              "wall_seconds": time.perf_counter() - started, "cpu": _cpu(), "model": args.model or "default"}
+              "wall_seconds": time.perf_counter() - started, "cpu": cpu_name(), "model": args.model or "default"}
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     log("val " + " / ".join(f"{result['val'][o]:.3f}" for o in OUTCOMES) + " ; epsilon per site "
         + ", ".join(f"{n} {p['phase1']:.2f}->{p['total']:.3f}" for n, p in privacy.items()))
     return result
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def report(args: argparse.Namespace) -> None:
