@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client.model_folder import _logit, apply_recipes, blended_risk, platt_parameters
 from common.config import RUN_DEFAULTS, TrainConfig, train_config_from
 from common.contract import OUTCOMES
 from common.data import VisitDataset, load_cohort, load_site_splits
@@ -224,30 +225,13 @@ def fit_recipes(parts: dict[str, dict[str, float]], val_labels: np.ndarray,
     weights, each part's logit scale (its spread on the validation rows: a sharper model must not outvote the
     other by its scale alone) and the Platt recalibration fitted on the validation split (None where it cannot
     be fitted or would reverse the ranking)."""
-    from client.model_folder import platt_parameters
-
     recipes = {}
     for k, outcome in enumerate(OUTCOMES):
         scales = {name: float(np.std(_logit(val_risks[name][:, k]))) or 1.0 for name in parts[outcome]}
         recipe = {"parts": dict(parts[outcome]), "scales": scales, "calibration": None}
-        recipe["calibration"] = platt_parameters(_blended(recipe, val_risks, k), val_labels[:, k])
+        recipe["calibration"] = platt_parameters(blended_risk(recipe, val_risks, k), val_labels[:, k])
         recipes[outcome] = recipe
     return recipes
-
-
-def apply_recipes(recipes: dict[str, dict], risks: dict[str, np.ndarray]) -> np.ndarray:
-    """The deployed risks [n, 3] of rows whose candidates' risks are `risks`. float64: float32 could round apart
-    values into ties."""
-    out = np.empty(next(iter(risks.values())).shape)
-    for k, outcome in enumerate(OUTCOMES):
-        risk, calibration = _blended(recipes[outcome], risks, k), recipes[outcome]["calibration"]
-        out[:, k] = risk if calibration is None else _sigmoid(calibration[0] * _logit(risk) + calibration[1])
-    return out
-
-
-def _blended(recipe: dict, risks: dict[str, np.ndarray], k: int) -> np.ndarray:
-    z = sum(weight * _logit(risks[name][:, k]) / recipe["scales"][name] for name, weight in recipe["parts"].items())
-    return _sigmoid(z)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -260,15 +244,6 @@ def _auroc(y: np.ndarray, risk: np.ndarray) -> float:
 
     known = ~np.isnan(y)
     return float(roc_auc_score(y[known], risk[known])) if 0 < y[known].sum() < known.sum() else math.nan
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(z, -30, 30)))  # as client.model_folder: the same risks in predict
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p / (1 - p))
 
 
 @dataclass

@@ -78,6 +78,21 @@ def platt_parameters(val_risk: np.ndarray, val_labels: np.ndarray) -> tuple[floa
     return (a, b) if a > 0 else None
 
 
+def blended_risk(recipe: Mapping[str, Any], risks: Mapping[str, np.ndarray], k: int) -> np.ndarray:
+    """Outcome k's risk from a recipe's parts, before its calibration: sigmoid(sum(weight * logit / scale))."""
+    return _sigmoid(sum(w * _logit(risks[name][:, k]) / recipe["scales"][name] for name, w in recipe["parts"].items()))
+
+
+def apply_recipes(recipes: Mapping[str, Mapping[str, Any]], risks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The deployed risks [n, 3] of rows whose candidates' risks are `risks` (float64: float32 could round apart
+    values into ties). The one place a recipe is applied: at the site's deployment and in `predict_proba`."""
+    out = np.empty(next(iter(risks.values())).shape, dtype=np.float64)
+    for k, outcome in enumerate(OUTCOMES):
+        risk, calibration = blended_risk(recipes[outcome], risks, k), recipes[outcome]["calibration"]
+        out[:, k] = risk if not calibration else _sigmoid(calibration[0] * _logit(risk) + calibration[1])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # writing
 
@@ -451,17 +466,7 @@ class DeployedModel:
         data contract (outcome columns may be absent) after `mapping` (docs/data-contract.md) is applied."""
         clean = load_site(table, mapping=mapping, encoding=encoding, labels=False)
         names = {name for r in self.recipes.values() for name in r["parts"]}
-        risks = self._candidates(clean, names)
-        out = np.empty((len(clean), len(OUTCOMES)))
-        for k, outcome in enumerate(OUTCOMES):
-            recipe = self.recipes[outcome]
-            z = np.zeros(len(clean))
-            for name, weight in recipe["parts"].items():
-                z += weight * _logit(risks[name][:, k]) / recipe["scales"][name]
-            if recipe["calibration"]:
-                a, b = recipe["calibration"]
-                z = a * _logit(_sigmoid(z)) + b
-            out[:, k] = _sigmoid(z)
+        out = apply_recipes(self.recipes, self._candidates(clean, names))
         return pd.DataFrame({"visit_id": clean["visit_id"].to_numpy(),
                              **{col: out[:, k] for k, col in enumerate(RISK_COLUMNS)}})
 
