@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.contract import load_site, profile_site
-from simulations.cohort import generate_cohort
+from edfed.common.contract import load_site, profile_site
+from edfed.simulations.cohort import generate_cohort
 
 
 def main() -> None:

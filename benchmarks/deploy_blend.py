@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.local_models import (
+from edfed.client.local_models import (
     CANDIDATE_RISKS,
     LOCAL_ONLY_WEIGHT,
     _auroc,
@@ -24,7 +24,7 @@ from client.local_models import (
     deployment_recipes,
     fit_recipes,
 )
-from common.contract import OUTCOMES
+from edfed.common.contract import OUTCOMES
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -61,8 +61,8 @@ def main() -> None:
 def gains_at_public_weight(run: Path) -> None:
     """Per site and outcome: deployed - local-only and deployed - own stacked regression on the site's test rows,
     then the means over sites with paired intervals (common.metrics.mean_paired_gain, as the summary computes)."""
-    from client.local_models import OWN_REGRESSION
-    from common.metrics import mean_paired_gain
+    from edfed.client.local_models import OWN_REGRESSION
+    from edfed.common.metrics import mean_paired_gain
 
     pairs: dict[str, dict] = {"local-only": {}, OWN_REGRESSION: {}}
     print(f"\n{run}: each site's test AUROC, deployed - local-only / deployed - {OWN_REGRESSION}")

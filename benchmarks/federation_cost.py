@@ -19,9 +19,9 @@ import math
 import tempfile
 from pathlib import Path
 
-from common.config import RUN_DEFAULTS
-from common.data import site_files
-from simulations.federated import simulate
+from edfed.common.config import RUN_DEFAULTS
+from edfed.common.data import site_files
+from edfed.simulations.federated import simulate
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         args.rounds, args.epsilon = summary["num_rounds"], float(summary["config"]["epsilon"])
     else:
         if not args.data.exists():
-            from simulations.cohort import generate_cohort
+            from edfed.simulations.cohort import generate_cohort
 
             generate_cohort(args.data)
         with tempfile.TemporaryDirectory() as tmp:

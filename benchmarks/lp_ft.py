@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from client.site import (
+from edfed.client.site import (
     _SITE_DATA,
     SITE_CACHE,
     SiteSettings,
@@ -49,15 +49,15 @@ from client.site import (
     site_dataset,
     train_round,
 )
-from common.config import TrainConfig
-from common.contract import OUTCOMES
-from common.data import VisitDataset, site_files
-from common.files import atomic_write, private_dir
-from common.metrics import evaluate
-from common.model import OutcomeModel, _transformer_layers, build_model, per_example_loss
-from common.precision import autocast, cpu_name
-from common.privacy import PrivacyLedger, make_private
-from common.train import glm_rows, make_optimizer, predict, train_epoch
+from edfed.common.config import TrainConfig
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import VisitDataset, site_files
+from edfed.common.files import atomic_write, private_dir
+from edfed.common.metrics import evaluate
+from edfed.common.model import OutcomeModel, _transformer_layers, build_model, per_example_loss
+from edfed.common.precision import autocast, cpu_name
+from edfed.common.privacy import PrivacyLedger, make_private
+from edfed.common.train import glm_rows, make_optimizer, predict, train_epoch
 
 LORA_RUN, GLM_RUN = "lp-ft-lora", "lp-ft-glm"
 

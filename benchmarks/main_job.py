@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.precision import machine_facts
+from edfed.common.precision import machine_facts
 
 EDFED = Path(sys.executable).parent / "edfed"
 

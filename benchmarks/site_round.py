@@ -19,11 +19,11 @@ from pathlib import Path
 _ROUND = """
 import sys, time
 started = time.perf_counter()
-import client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
-from client import site
-from common.config import RUN_DEFAULTS, train_config_from
-from common.model import build_model
-from common.privacy import PrivacyLedger
+import edfed.client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
+from edfed.client import site
+from edfed.common.config import RUN_DEFAULTS, train_config_from
+from edfed.common.model import build_model
+from edfed.common.privacy import PrivacyLedger
 imported = time.perf_counter()
 data, encoder, scratch = sys.argv[1:4]
 PrivacyLedger.init(f"{scratch}/ledger.json")
@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--visits", type=int, default=60, help="visits per site (the deployment test: 60)")
     parser.add_argument("--model", type=Path, default=None, help="encoder folder (default: a tiny random BERT)")
     args = parser.parse_args()
-    from common.precision import machine_facts
-    from simulations.cohort import generate_cohort
+    from edfed.common.precision import machine_facts
+    from edfed.simulations.cohort import generate_cohort
 
     machine = machine_facts()
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}")
@@ -76,7 +76,7 @@ def _tiny_encoder(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from common.config import default_encoder_dir
+    from edfed.common.config import default_encoder_dir
 
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -20,12 +20,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from client.site import SiteSettings, site_dataset
-from common.config import TrainConfig
-from common.contract import OUTCOMES
-from common.data import site_files
-from common.display import make_console
-from common.model import build_model
+from edfed.client.site import SiteSettings, site_dataset
+from edfed.common.config import TrainConfig
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import site_files
+from edfed.common.display import make_console
+from edfed.common.model import build_model
 
 PROBES = {"structured": ("struct",), "pooled text": ("pooled",), "random 64-d projection of it": ("proj",),
           "structured + pooled text": ("struct", "pooled"), "structured + projection": ("struct", "proj")}

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from common.config import TrainConfig
-from common.data import VisitDataset, load_cohort
-from common.display import make_console
-from common.features import load_tokenizer
-from common.metrics import evaluate
-from common.precision import machine_facts
-from common.train import cache_frozen_layers, fit_model, predict
+from edfed.common.config import TrainConfig
+from edfed.common.data import VisitDataset, load_cohort
+from edfed.common.display import make_console
+from edfed.common.features import load_tokenizer
+from edfed.common.metrics import evaluate
+from edfed.common.precision import machine_facts
+from edfed.common.train import cache_frozen_layers, fit_model, predict
 
 SETUPS = {
     "naive": dict(lora_layers=0, max_tokens=256, padding="max_tokens", cache_frozen=False),
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if not args.data.exists():
-        from simulations.cohort import generate_cohort
+        from edfed.simulations.cohort import generate_cohort
 
         generate_cohort(args.data)
     cohort = load_cohort(args.data, seed=0)

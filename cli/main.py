@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from common.config import DEFAULT_DATA_DIR
-from common.config import RUN_DEFAULTS as D  # every default has one home: pyproject.toml
-from common.errors import EdfedError
+from edfed.common.config import DEFAULT_DATA_DIR
+from edfed.common.config import RUN_DEFAULTS as D  # every default has one home: pyproject.toml
+from edfed.common.errors import EdfedError
 
 DESCRIPTION = ("edfed trains one model for several hospital emergency departments without their patient data "
                "leaving any of them: each site trains at home on its own ED visits (vital signs, labs and "
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help=report_help, description=report_help)
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a folder with summary.json, results.md/.csv, or run subfolders")
-    from simulations.experiments import add_experiment_parser  # light: no torch/pandas at import
+    from edfed.simulations.experiments import add_experiment_parser  # light: no torch/pandas at import
 
     add_experiment_parser(sub)
     deploy = sub.add_parser("deploy", help="credentials for a real deployment").add_subparsers(dest="action",
@@ -360,11 +360,11 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     """Build the settings a training command will build, now: a bad value stops it before any cohort is
     generated or any file written."""
     if args.command == "train":
-        from simulations.central import config_from_args
+        from edfed.simulations.central import config_from_args
 
         config_from_args(args)
     else:
-        from common.config import run_config_from_args, train_config_from
+        from edfed.common.config import run_config_from_args, train_config_from
 
         train_config_from(run_config_from_args(args))
 
@@ -373,24 +373,24 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command in ("train", "simulate", "privacy-sweep"):
         _check_run_flags(args)
     if args.command == "cohort":
-        from simulations.cohort import generate_cohort
+        from edfed.simulations.cohort import generate_cohort
 
         out = generate_cohort(args.out, n_sites=args.sites, visits_per_site=args.visits_per_site,
                               seed=args.seed, harder=args.harder)
         print(f"wrote {args.sites} sites to {out}")
     elif args.command == "data":
-        from common.contract import load_site, print_profile
+        from edfed.common.contract import load_site, print_profile
 
         table = load_site(args.file, mapping=args.mapping, encoding=args.encoding)
         print_profile(table, args.file)
     elif args.command == "train":
-        from simulations.central import run_central
-        from simulations.cohort import ensure_cohort
+        from edfed.simulations.central import run_central
+        from edfed.simulations.cohort import ensure_cohort
 
         ensure_cohort(args.data)
         run_central(args)
     elif args.command == "ledger":
-        from common.privacy import PrivacyLedger
+        from edfed.common.privacy import PrivacyLedger
 
         if args.action == "init":
             made = PrivacyLedger.init(args.path)
@@ -408,50 +408,50 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command in ("site", "coordinator"):
         _party(args)
     elif args.command == "simulate":
-        from simulations.federated import run_simulate
+        from edfed.simulations.federated import run_simulate
 
         run_simulate(args)
     elif args.command == "personalize":
-        from client.local_models import run_personalize
+        from edfed.client.local_models import run_personalize
 
         run_personalize(args)
     elif args.command == "track":
-        from simulations.tracking import track_run
+        from edfed.simulations.tracking import track_run
 
         run_id = track_run(args.run_dir, args.uri, args.experiment)
         print(f"logged {args.run_dir} to MLflow ({args.uri}), run id {run_id}")
     elif args.command == "predict":
-        from client.predict import run_predict
+        from edfed.client.predict import run_predict
 
         run_predict(args)
     elif args.command == "privacy-sweep":
-        from simulations.sweep import run_sweep
+        from edfed.simulations.sweep import run_sweep
 
         run_sweep(args)
     elif args.command == "report":
-        from common.report import write_report
+        from edfed.common.report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
     elif args.command == "experiment":
-        from simulations.experiments import run_experiment_command
+        from edfed.simulations.experiments import run_experiment_command
 
         run_experiment_command(args)
 
 
 def _deploy(args: argparse.Namespace) -> None:
-    from common.credentials import init_coordinator, site_key, superexec_secret
+    from edfed.common.credentials import init_coordinator, site_key, superexec_secret
 
     if args.action == "init":
         written = init_coordinator(args.out, args.host or [])
     elif args.action == "site-key":
         written = site_key(args.name, args.out)
     elif args.action == "consortium-key":
-        from common.release import consortium_key, public_key_id
+        from edfed.common.release import consortium_key, public_key_id
 
         written = consortium_key(args.out)
         print(f"consortium key id {public_key_id(written[1])} (sites check it in their trust file)")
     elif args.action == "coordinator-key":
-        from common.signing import coordinator_key, coordinator_public_key, key_id
+        from edfed.common.signing import coordinator_key, coordinator_public_key, key_id
 
         written = coordinator_key(args.out)
         public = coordinator_public_key(written[1].read_text(), str(written[1]))
@@ -459,12 +459,12 @@ def _deploy(args: argparse.Namespace) -> None:
     elif args.action == "superexec-secret":
         written = [superexec_secret(args.file)]
     elif args.action == "units":
-        from common.supervisor import write_units
+        from edfed.common.supervisor import write_units
 
         written = write_units(args.out, args.site_config, args.coordinator_config, args.user)
     elif args.action == "site-runner":
-        from client.runner import TOKEN_WARNING, proc_hides_processes
-        from common.release import write_site_runner
+        from edfed.client.runner import TOKEN_WARNING, proc_hides_processes
+        from edfed.common.release import write_site_runner
 
         written = write_site_runner(args.out, args.consortium_key, args.min_version, args.coordinator_key)
         print(f"wrote {written[0]} and {written[1].parent}/: name the trust file as `trust` in site.toml (`edfed "
@@ -473,7 +473,7 @@ def _deploy(args: argparse.Namespace) -> None:
             print(TOKEN_WARNING.replace("this ClientApp's", "each ClientApp's"), file=sys.stderr)
         return
     else:
-        from common.proxy import write_proxy_config
+        from edfed.common.proxy import write_proxy_config
 
         creds = args.credentials
         written = write_proxy_config(args.out, args.listen, creds / "server.pem", creds / "server.key",
@@ -484,11 +484,11 @@ def _deploy(args: argparse.Namespace) -> None:
 
 def _party(args: argparse.Namespace) -> None:
     if args.command == "site":
-        from client import service as party
+        from edfed.client import service as party
 
         check, start, status = party.site_check, party.site_start, party.site_status
     else:
-        from server import service as party
+        from edfed.server import service as party
 
         check, start, status = party.coordinator_check, party.coordinator_start, party.coordinator_status
     if args.action == "check":
@@ -508,7 +508,7 @@ def _party(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    from common import release
+    from edfed.common import release
 
     if args.action == "build":
         fab, digest = release.build_release(args.app, args.out)

@@ -26,8 +26,8 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
-from client.instructions import guard_for
-from client.site import (
+from edfed.client.instructions import guard_for
+from edfed.client.site import (
     check_site,
     evaluate_site,
     secagg_policy,
@@ -35,8 +35,8 @@ from client.site import (
     settings_from_configs,
     train_round,
 )
-from common.config import TrainConfig
-from common.errors import EdfedError
+from edfed.common.config import TrainConfig
+from edfed.common.errors import EdfedError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node reports nothing to Flower's telemetry
 

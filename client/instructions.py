@@ -24,9 +24,16 @@ from filelock import FileLock
 from flwr.app import Message
 from flwr.common.logger import log
 
-from common.errors import EdfedError
-from common.files import FILE_MODE, atomic_write_text
-from common.signing import CLOCK_SKEW, coordinator_public_key, key_id, load_site_key, sign_reply, verify_instruction
+from edfed.common.errors import EdfedError
+from edfed.common.files import FILE_MODE, atomic_write_text
+from edfed.common.signing import (
+    CLOCK_SKEW,
+    coordinator_public_key,
+    key_id,
+    load_site_key,
+    sign_reply,
+    verify_instruction,
+)
 
 TRUST_ENV = "EDFED_TRUST_FILE"  # set by edfed-clientapp to the trust file it verified this run's release with
 

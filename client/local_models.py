@@ -29,19 +29,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.model_folder import _logit, apply_recipes, blended_risk, platt_parameters
-from common.config import RUN_DEFAULTS, TrainConfig, train_config_from
-from common.contract import OUTCOMES
-from common.data import VisitDataset, load_cohort, load_site_splits
-from common.display import make_console, progress_bar
-from common.errors import EdfedError
-from common.evaluation import evaluate_on_test, score_test, write_summary
-from common.exchange import frozen_init_fingerprint
-from common.features import load_tokenizer
-from common.files import atomic_write, private_dir
-from common.metrics import mean_paired_gain
-from common.model import build_model
-from common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
+from edfed.client.model_folder import _logit, apply_recipes, blended_risk, platt_parameters
+from edfed.common.config import RUN_DEFAULTS, TrainConfig, train_config_from
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import VisitDataset, load_cohort, load_site_splits
+from edfed.common.display import make_console, progress_bar
+from edfed.common.errors import EdfedError
+from edfed.common.evaluation import evaluate_on_test, score_test, write_summary
+from edfed.common.exchange import frozen_init_fingerprint
+from edfed.common.features import load_tokenizer
+from edfed.common.files import atomic_write, private_dir
+from edfed.common.metrics import mean_paired_gain
+from edfed.common.model import build_model
+from edfed.common.train import cache_frozen_layers, fit_model, predict, save_trainable_state
 
 
 def site_epochs(run_config: dict) -> int:
@@ -121,10 +121,10 @@ def deploy_at_site(run_config: dict, run_dir: Path, rows: pd.DataFrame, data_dir
     """
     from safetensors.torch import load_file
 
-    from client.model_folder import save_deployed_model
-    from common.exchange import encoder_fingerprint
-    from common.files import latest_checkpoint
-    from common.peers import fit_peers
+    from edfed.client.model_folder import save_deployed_model
+    from edfed.common.exchange import encoder_fingerprint
+    from edfed.common.files import latest_checkpoint
+    from edfed.common.peers import fit_peers
 
     full_config, start_state = start or personalization_start(run_config, run_dir)
     local_config = local_only_config(run_config)
@@ -316,8 +316,8 @@ def personalization_start(run_config: dict, run_dir: Path) -> tuple[TrainConfig,
     """
     from safetensors.torch import load_file
 
-    from client.site import check_encoder
-    from common.files import latest_checkpoint
+    from edfed.client.site import check_encoder
+    from edfed.common.files import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:

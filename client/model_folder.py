@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.config import RUN_DEFAULTS, TrainConfig, train_config_from
-from common.contract import OUTCOMES, load_site
-from common.errors import EdfedError
-from common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
+from edfed.common.config import RUN_DEFAULTS, TrainConfig, train_config_from
+from edfed.common.contract import OUTCOMES, load_site
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
 
 FORMAT, FORMAT_VERSION = "edfed-deployed-model", 1
 CONFIG, WEIGHTS, VOCABULARY, CARD = "config.json", "model.safetensors", "vocabulary.json", "README.md"
@@ -50,7 +50,7 @@ _SPLINE_KEYS = ("degree", "extrapolation", "include_bias", "knots", "n_knots", "
 
 
 def _edfed_version() -> str:
-    from common.provenance import provenance
+    from edfed.common.provenance import provenance
 
     return provenance()["edfed"] or "unknown"
 
@@ -204,7 +204,7 @@ def save_deployed_model(out_dir: Path, *, site: str, run_config: Mapping[str, An
 
     from safetensors.torch import save_file
 
-    from common.exchange import frozen_init_fingerprint
+    from edfed.common.exchange import frozen_init_fingerprint
 
     recipes = _check_recipes(recipes)
     run_config = {**RUN_DEFAULTS, **run_config}
@@ -278,7 +278,7 @@ def _ci(metric: dict, name: str) -> str:
 
 def model_card(config: dict) -> str:
     """README.md of a deployed model folder: what it is for, what it learned from, how well, what protects whom."""
-    from common.markdown import markdown_table
+    from edfed.common.markdown import markdown_table
 
     recipes, privacy, run = config["recipes"], config.get("privacy") or {}, config.get("run") or {}
     lines = [
@@ -363,7 +363,7 @@ class DeployedModel:
     def __init__(self, source: Path, recipes: dict[str, dict], neural: dict[str, tuple[TrainConfig, dict, str]],
                  regressions: dict | None, arrays: dict[str, torch.Tensor], vocabulary: list[str] | None,
                  encoder_fingerprint: str, encoder: Path | None, device: str | None = None) -> None:
-        from common.config import resolve_device
+        from edfed.common.config import resolve_device
 
         self.source, self.recipes = source, recipes
         self.device = resolve_device(device)  # `cuda` where there is none: refused before anything loads
@@ -376,8 +376,8 @@ class DeployedModel:
         return f"DeployedModel({str(self.source)!r}, components={sorted(self._models)})"
 
     def _build_models(self, encoder: Path | None) -> dict:
-        from common.exchange import encoder_fingerprint, frozen_init_fingerprint
-        from common.model import build_model
+        from edfed.common.exchange import encoder_fingerprint, frozen_init_fingerprint
+        from edfed.common.model import build_model
 
         models = {}
         for name, (config, state, frozen) in self._neural.items():
@@ -401,7 +401,7 @@ class DeployedModel:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.preprocessing import SplineTransformer
 
-        from common.peers import FittedPeers, _OutcomeFit
+        from edfed.common.peers import FittedPeers, _OutcomeFit
 
         a, settings = self._arrays, self._regressions
         scaler = _scaler(a["regressions/scaler/mean"], a["regressions/scaler/scale"])
@@ -427,9 +427,9 @@ class DeployedModel:
         return FittedPeers(scaler, calendar, vectorizer, fits, settings["train_rows"])
 
     def _candidates(self, table: pd.DataFrame, names: set[str]) -> dict[str, np.ndarray]:
-        from common.data import VisitDataset
-        from common.features import load_tokenizer
-        from common.train import cache_frozen_layers, predict
+        from edfed.common.data import VisitDataset
+        from edfed.common.features import load_tokenizer
+        from edfed.common.train import cache_frozen_layers, predict
 
         risks: dict[str, np.ndarray] = {}
         for name, model in self._models.items():

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.model_folder import load_model
-from common.display import make_console
-from common.errors import EdfedError
-from common.files import atomic_write
+from edfed.client.model_folder import load_model
+from edfed.common.display import make_console
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write
 
 
 def run_predict(args: argparse.Namespace) -> Path:

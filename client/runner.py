@@ -31,7 +31,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 FLOWER_VERSION = "1.42.0"  # the run_clientapp layout below was read in this version
-_EDFED_PACKAGES = ("common", "client", "server", "simulations")
+_EDFED_PACKAGES = ("edfed",)
 _NO_DEPENDENCY_INSTALL = "--allow-runtime-dependency-installation"
 
 
@@ -87,8 +87,8 @@ def run_verified_clientapp(trust_path: Path, flower_argv: list[str]) -> None:
     from flwr.common.constant import ErrorCode
     from flwr.supercore import log
 
-    from common.errors import EdfedError
-    from common.release import SIGNATURE_KEY, load_trust, verify_release
+    from edfed.common.errors import EdfedError
+    from edfed.common.release import SIGNATURE_KEY, load_trust, verify_release
 
     # The modules themselves (their packages re-export same-named functions).
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")

@@ -15,9 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import EdfedError
-from common.files import atomic_write_text, private_dir
-from common.supervisor import (
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write_text, private_dir
+from edfed.common.supervisor import (
     BIN,
     Child,
     Problems,
@@ -112,7 +112,7 @@ def _budget_problems(node: dict, where: str) -> list[str]:
 
 def check_site(service: SiteService, problems: Problems, where: str, check_data: bool = True) -> Problems:
     """Every check the site can make before it starts: appends to `problems` and returns it."""
-    from common.release import load_trust
+    from edfed.common.release import load_trust
 
     node = service.node_config
     problems.extend(_budget_problems(node, where))
@@ -122,7 +122,7 @@ def check_site(service: SiteService, problems: Problems, where: str, check_data:
             problems.append(problem)
         else:
             try:
-                from common.signing import load_site_key
+                from edfed.common.signing import load_site_key
 
                 load_site_key(service.key)
             except EdfedError as exc:
@@ -141,14 +141,14 @@ def check_site(service: SiteService, problems: Problems, where: str, check_data:
             problems.append(f"trust file {service.trust} lists no `coordinator-keys` and [node-config] has no "
                             "`coordinator-key`: the site could not tell the coordinator's instructions from anyone's")
     if "ledger-path" in node:
-        from common.privacy import PrivacyLedger
+        from edfed.common.privacy import PrivacyLedger
 
         try:
             PrivacyLedger.open(Path(str(node["ledger-path"])))
         except EdfedError as exc:
             problems.append(str(exc).split(";")[0] + " (create it once with `edfed ledger init`)")
     if node.get("coordinator-key"):
-        from common.signing import coordinator_public_key
+        from edfed.common.signing import coordinator_public_key
 
         try:
             coordinator_public_key(Path(str(node["coordinator-key"])).read_text().strip(), "coordinator-key")
@@ -160,7 +160,7 @@ def check_site(service: SiteService, problems: Problems, where: str, check_data:
         if isinstance(node[key], dict | list):
             problems.append(f"{where}: [node-config] `{key}` must be a string, number or true/false")
     if check_data and "data-path" in node:
-        from common.contract import load_site
+        from edfed.common.contract import load_site
 
         try:  # the contract's own messages: files, columns, rules, row numbers; no cell value
             load_site(Path(str(node["data-path"])), mapping=node.get("mapping") or None)
@@ -195,7 +195,7 @@ def _check_coordinator_name(service: SiteService, problems: Problems) -> None:
     if outcome == "refused-certificate":
         names = ""
         if cert is not None:
-            from common.supervisor import certificate_names
+            from edfed.common.supervisor import certificate_names
 
             names = f"; it names {', '.join(certificate_names(cert)) or 'nothing'}"
             if not has_name(cert, address[0]):
@@ -220,8 +220,8 @@ def _node_config_toml(node: dict) -> str:
 
 def site_children(service: SiteService) -> list[Child]:
     """The SuperNode and its SuperExec, with the files they need written into the state folder."""
-    from common.credentials import superexec_secret
-    from common.release import write_runner_shims
+    from edfed.common.credentials import superexec_secret
+    from edfed.common.release import write_runner_shims
 
     state = private_dir(service.state_dir.expanduser().resolve())
     secret = state / "superexec.secret"

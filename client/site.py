@@ -27,21 +27,21 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from common.config import TrainConfig
-from common.data import SPLIT_SHARES, SiteSplits, VisitDataset, load_site_splits
-from common.errors import EdfedError
-from common.exchange import (
+from edfed.common.config import TrainConfig
+from edfed.common.data import SPLIT_SHARES, SiteSplits, VisitDataset, load_site_splits
+from edfed.common.errors import EdfedError
+from edfed.common.exchange import (
     REFUSED_BUDGET,
     REFUSED_RATE,
     REFUSED_REPEAT,
     encoder_fingerprint,
     frozen_init_fingerprint,
 )
-from common.features import load_tokenizer
-from common.files import atomic_write, private_dir
-from common.metrics import evaluate
-from common.model import OutcomeModel, build_model
-from common.privacy import (
+from edfed.common.features import load_tokenizer
+from edfed.common.files import atomic_write, private_dir
+from edfed.common.metrics import evaluate
+from edfed.common.model import OutcomeModel, build_model
+from edfed.common.privacy import (
     DAY_SECONDS,
     GaussianNoise,
     PrivacyLedger,
@@ -50,7 +50,7 @@ from common.privacy import (
     secure_gaussian,
     seeded_gaussian,
 )
-from common.train import (
+from edfed.common.train import (
     GLMRows,
     cache_frozen_layers,
     glm_noisy_gradient,

@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.config import TrainConfig
-from common.data import VisitDataset, load_site_splits, site_files
-from common.errors import EdfedError
-from common.features import load_tokenizer
-from common.files import atomic_write_text, latest_checkpoint
-from common.model import OutcomeModel, build_model, per_example_loss
-from common.train import cache_frozen_layers, make_loader
+from edfed.common.config import TrainConfig
+from edfed.common.data import VisitDataset, load_site_splits, site_files
+from edfed.common.errors import EdfedError
+from edfed.common.features import load_tokenizer
+from edfed.common.files import atomic_write_text, latest_checkpoint
+from edfed.common.model import OutcomeModel, build_model, per_example_loss
+from edfed.common.train import cache_frozen_layers, make_loader
 
 MIN_PER_SIDE = 5  # fewer members or non-members than this and the AUROC is noise
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 MODALITIES = ("multimodal", "text", "structured")
 # What trains (TrainConfig.architecture): "full" (LoRA + structured tower + lexical path + fusion + heads, the model

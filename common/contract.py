@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 OUTCOMES: tuple[str, ...] = ("mortality_30d", "safe_discharge", "readmission_30d")
 NOTE_COLUMNS: tuple[str, ...] = ("note_triage", "note_physician", "note_assessment_plan")

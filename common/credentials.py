@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import EdfedError
-from common.files import atomic_write_text
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write_text
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")  # where the coordinator's own nginx and flwr reach the SuperLink
 

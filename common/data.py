@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from common.contract import OUTCOMES, load_site
-from common.errors import EdfedError
-from common.features import lexical_features, structured_features, tokenize_notes
+from edfed.common.contract import OUTCOMES, load_site
+from edfed.common.errors import EdfedError
+from edfed.common.features import lexical_features, structured_features, tokenize_notes
 
 SPLIT_SHARES = {"train": 0.7, "val": 0.1, "test": 0.2}
 _SITE_FILE = re.compile(r"^site-(\d+)\.(parquet|csv)$")

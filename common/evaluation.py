@@ -13,14 +13,14 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from common.contract import OUTCOMES
-from common.data import VisitDataset, load_oracle
-from common.display import make_console
-from common.files import atomic_write, atomic_write_text
-from common.metrics import SUPPRESSED, evaluate, small_cell
-from common.model import OutcomeModel
-from common.plots import plot_roc_and_calibration
-from common.train import cache_frozen_layers, predict
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import VisitDataset, load_oracle
+from edfed.common.display import make_console
+from edfed.common.files import atomic_write, atomic_write_text
+from edfed.common.metrics import SUPPRESSED, evaluate, small_cell
+from edfed.common.model import OutcomeModel
+from edfed.common.plots import plot_roc_and_calibration
+from edfed.common.train import cache_frozen_layers, predict
 
 
 def oracle_risks(data_dir: Path, table: pd.DataFrame) -> np.ndarray | None:
@@ -102,7 +102,7 @@ def score_saved_predictions(files: list[Path], data_dir: Path, bootstrap: int = 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically (a reader never sees half a file), with its `provenance` block."""
-    from common.provenance import provenance
+    from edfed.common.provenance import provenance
 
     # a summary re-written later (an experiment adding baselines) keeps the provenance of the run that made it
     summary.setdefault("provenance", provenance())
@@ -124,7 +124,7 @@ def print_peers(final: dict, peers: dict, console: Console | None = None, model_
                 per_site: dict | None = None) -> None:
     """The model's test AUROC next to its regression peers' (`common.peers`) on the same rows, pooled; with
     `per_site` (a federation's), also each site's model AUROC next to that site's own regressions."""
-    from common.peers import PEER_LABELS
+    from edfed.common.peers import PEER_LABELS
 
     table = Table(title="held-out test, pooled: the model and its regression peers (AUROC, same test rows)")
     for col in ("model", *OUTCOMES):
@@ -157,8 +157,8 @@ class PooledEvaluation:
     """Scores models on every site's held-out visits pooled; only where one machine holds all sites."""
 
     def __init__(self, data_dir: Path, config) -> None:
-        from common.data import load_cohort
-        from common.features import load_tokenizer
+        from edfed.common.data import load_cohort
+        from edfed.common.features import load_tokenizer
 
         self.data_dir, self.config = data_dir, config
         self.cohort = load_cohort(data_dir, config.seed)

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 # column -> (transform, reference centre, scale), all on the transformed scale.
 _NUMERIC_TRANSFORMS: dict[str, tuple[str, float, float]] = {

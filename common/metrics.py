@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.contract import OUTCOMES
+from edfed.common.contract import OUTCOMES
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:

@@ -31,11 +31,11 @@ from transformers import AutoConfig, AutoModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
-from common.config import TrainConfig
-from common.contract import OUTCOMES
-from common.errors import EdfedError
-from common.features import structured_feature_names
-from common.precision import autocast, resolve_precision
+from edfed.common.config import TrainConfig
+from edfed.common.contract import OUTCOMES
+from edfed.common.errors import EdfedError
+from edfed.common.features import structured_feature_names
+from edfed.common.precision import autocast, resolve_precision
 
 STRUCT_DIM, FUSION_DIM = 64, 128
 # The GLM divides the structured features by this before bounding their norm by 1: their typical norm is ~3 (median

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.contract import NOTE_COLUMNS, OUTCOMES
-from common.errors import EdfedError
-from common.features import structured_features
-from common.metrics import evaluate
+from edfed.common.contract import NOTE_COLUMNS, OUTCOMES
+from edfed.common.errors import EdfedError
+from edfed.common.features import structured_features
+from edfed.common.metrics import evaluate
 
 PEERS: tuple[str, ...] = ("structured", "tfidf", "stacked")
 PEER_LABELS: dict[str, str] = {
@@ -257,8 +257,8 @@ def regression_peers(train: pd.DataFrame, test: pd.DataFrame, data_dir: Path, bo
     """`summary["peers"]`: peers fitted on pooled `train`, scored on pooled `test`; with `local`, also each site's
     own peers (fitted on its training rows alone, scored on its test rows), for a federation's per-site table.
     `curves`: also gets the pooled peers' test risks ({label: [n, 3]}, `test`'s rows), for the ROC figure."""
-    from common.display import make_console
-    from common.evaluation import oracle_risks
+    from edfed.common.display import make_console
+    from edfed.common.evaluation import oracle_risks
 
     started = time.perf_counter()
     oracle = oracle_risks(data_dir, test)
@@ -288,7 +288,7 @@ def regression_peers(train: pd.DataFrame, test: pd.DataFrame, data_dir: Path, bo
 
 def federation_peers(data_dir: Path, seed: int, bootstrap: int = 200, console=None, curves: dict | None = None) -> dict:
     """A simulated federation's peers: pooled (as central) and each site's own, on the federation's splits."""
-    from common.data import load_cohort
+    from edfed.common.data import load_cohort
 
     cohort = load_cohort(data_dir, seed)
     return regression_peers(cohort[cohort["split"] == "train"], cohort[cohort["split"] == "test"], data_dir,

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from common.contract import OUTCOMES  # noqa: E402
+from edfed.common.contract import OUTCOMES  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,7 +51,7 @@ def plot_roc_and_calibration(labels: np.ndarray, probs: np.ndarray, metrics: dic
     Calibration: each risk bin's observed rate with its 95% Wilson interval and its visit count (a sparse bin shows
     a wide interval, never a confident 1.0), and the calibration slope and intercept (common.metrics).
     """
-    from common.metrics import calibration_slope_intercept
+    from edfed.common.metrics import calibration_slope_intercept
 
     out_dir.mkdir(parents=True, exist_ok=True)
     references = references or {}
@@ -115,7 +115,7 @@ def plot_site_aurocs(models: dict[str, dict[str, dict]], path: Path, title: str)
     """Each site's AUROC with its 95% interval, one panel per outcome, one marker per model ({model: {site:
     {outcome: metrics}}}, e.g. deployed, local-only, own stacked regression). A cell with fewer than MIN_CELL events
     or non-events is not drawn ("suppressed"), as in the report."""
-    from common.metrics import MIN_CELL, small_cell
+    from edfed.common.metrics import MIN_CELL, small_cell
 
     sites = list(dict.fromkeys(site for per_site in models.values() for site in per_site))
     fig, axes = plt.subplots(1, len(OUTCOMES), figsize=(4.4 * len(OUTCOMES), 1.2 + 0.55 * len(sites) * 1.3),

@@ -14,7 +14,7 @@ import os
 import platform
 from pathlib import Path
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # The site's choice when none is given on the command line or in its node config.

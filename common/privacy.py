@@ -44,8 +44,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from scipy.special import log_ndtr
 from torch.utils.data import DataLoader, Dataset
 
-from common.errors import EdfedError
-from common.files import FILE_MODE, atomic_write_text, private_dir
+from edfed.common.errors import EdfedError
+from edfed.common.files import FILE_MODE, atomic_write_text, private_dir
 
 MAX_NOISE = 50.0
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)

@@ -37,7 +37,7 @@ def _git(*args: str) -> str | None:
 
 @functools.cache  # the code, libraries and CPU do not change while the process runs
 def _static() -> dict[str, Any]:
-    from common.precision import cpu_flags, cpu_name
+    from edfed.common.precision import cpu_flags, cpu_name
 
     commit = _git("rev-parse", "HEAD") if (_SOURCE / ".git").exists() else None
     changed = _git("status", "--porcelain", "--untracked-files=no") if commit else None

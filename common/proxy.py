@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import EdfedError
-from common.files import SHARED_FILE_MODE, atomic_write_text
+from edfed.common.errors import EdfedError
+from edfed.common.files import SHARED_FILE_MODE, atomic_write_text
 
 # flwr/superlink/routers/fleet/router.py (prefix /v1/fleet), as Flower's SuperNode calls them
 # (flwr/supernode/fleet_http_client.py); tests/test_perimeter.py checks this against the installed flwr.
@@ -82,7 +82,7 @@ def write_proxy_config(out: Path, listen: str, cert: Path, key: Path, ca: Path, 
     for what, path in (("--ssl-certfile", cert), ("--ssl-keyfile", key), ("--ssl-ca-certfile", ca)):
         if not path.is_file():
             raise EdfedError(f"{what} {path}: no such file")
-    from common.supervisor import Problems, certificate_names, has_name, load_certificate
+    from edfed.common.supervisor import Problems, certificate_names, has_name, load_certificate
 
     problems = Problems()
     found = load_certificate(cert, "--ssl-certfile", problems)

@@ -31,8 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from common.errors import EdfedError
-from common.files import SHARED_FILE_MODE, atomic_write_text
+from edfed.common.errors import EdfedError
+from edfed.common.files import SHARED_FILE_MODE, atomic_write_text
 
 FORMAT = "edfed-release-v1"
 SIGNATURE_KEY = "release-signature"  # the run-config key the coordinator's operator passes the token in
@@ -93,7 +93,7 @@ def fab_version(fab: bytes, what: str = "FAB") -> str:
 
 def consortium_key(out: Path) -> tuple[Path, Path]:
     """The consortium's Ed25519 signing key: `consortium.key` (PKCS#8 PEM, 0600) and `consortium.pub` (OpenSSH)."""
-    from common.credentials import ed25519_key_pair
+    from edfed.common.credentials import ed25519_key_pair
 
     return ed25519_key_pair(out, "consortium")
 
@@ -177,7 +177,7 @@ def write_trust(path: Path, keys: list[Path], min_version: str,
         lines.append(text)
     if not lines:
         raise EdfedError("give at least one --consortium-key (the consortium's consortium.pub)")
-    from common.signing import coordinator_public_key
+    from edfed.common.signing import coordinator_public_key
 
     coordinators = []
     for key_file in coordinator_keys or []:

@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.contract import OUTCOMES
-from common.errors import EdfedError
-from common.files import SHARED_FILE_MODE, atomic_write_text
-from common.markdown import markdown_table
-from common.metrics import MIN_CELL, SUPPRESSED, small_cell  # noqa: F401  (one rule for the log and the report)
+from edfed.common.contract import OUTCOMES
+from edfed.common.errors import EdfedError
+from edfed.common.files import SHARED_FILE_MODE, atomic_write_text
+from edfed.common.markdown import markdown_table
+from edfed.common.metrics import MIN_CELL, SUPPRESSED, small_cell  # noqa: F401  (one rule for the log and the report)
 
 _KNOWN_KEYS = {"kind", "run_id", "config", "final", "per_site", "privacy", "communication", "rounds",
                "site_reports", "rejected_updates", "client_train_seconds", "client_step_seconds", "num_rounds",
@@ -255,7 +255,7 @@ def _model_label(summary: dict) -> str:
 def peers_tables(summary: dict) -> list[str]:
     """The model next to its regression peers (`common.peers`) on the same test rows: pooled, and for a federation
     each site's model AUROC next to that site's own regressions (small cells suppressed)."""
-    from common.peers import PEER_LABELS
+    from edfed.common.peers import PEER_LABELS
 
     peers, final = summary["peers"], summary.get("final", {})
     label = _model_label(summary)
@@ -351,7 +351,7 @@ def _site_figure(run_dir: Path, summary: dict) -> list[str]:
     models = {name: per_site for name, per_site in site_models(summary).items() if per_site}
     if not models:  # nothing per site to draw (a deployment summary may hold empty ones)
         return []
-    from common.plots import plot_site_aurocs
+    from edfed.common.plots import plot_site_aurocs
 
     plot_site_aurocs(models, run_dir / SITES_FIGURE, "each site's AUROC on its own test visits")
     os.chmod(run_dir / SITES_FIGURE, SHARED_FILE_MODE)  # aggregates only, small cells left out, like the page

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 INSTRUCTION_FORMAT = "edfed-instruction-v1"
 REPLY_FORMAT = "edfed-reply-v1"
@@ -224,7 +224,7 @@ def reply_problem(reply: Message, instruction: Message | None, public: ec.Ellipt
 def coordinator_key(out: Path) -> tuple[Path, Path]:
     """The coordinator's Ed25519 signing key: `coordinator.key` (PKCS#8 PEM, 0600) and `coordinator.pub`
     (OpenSSH, for every site's trust file or node config)."""
-    from common.credentials import ed25519_key_pair
+    from edfed.common.credentials import ed25519_key_pair
 
     return ed25519_key_pair(out, "coordinator")
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from common.errors import EdfedError
-from common.files import atomic_write_text, private_dir
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write_text, private_dir
 
 BIN = Path(sys.executable).parent  # the installed edfed's own Flower commands, whatever PATH says
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -22,14 +22,14 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from common.config import TrainConfig, resolve_device
-from common.data import VisitDataset
-from common.display import Phases, progress_bar
-from common.errors import EdfedError
-from common.files import atomic_write
-from common.metrics import evaluate
-from common.model import OutcomeModel, build_model
-from common.privacy import GaussianNoise
+from edfed.common.config import TrainConfig, resolve_device
+from edfed.common.data import VisitDataset
+from edfed.common.display import Phases, progress_bar
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write
+from edfed.common.metrics import evaluate
+from edfed.common.model import OutcomeModel, build_model
+from edfed.common.privacy import GaussianNoise
 
 LEXICAL_LR_SCALE = 10.0
 

@@ -21,17 +21,17 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.config import TrainConfig, train_config_from
-from common.contract import OUTCOMES
-from common.errors import EdfedError
-from common.evaluation import PooledEvaluation, write_summary
-from common.exchange import encoder_fingerprint, frozen_init_fingerprint
-from common.model import OutcomeModel, build_model
-from server.run_folder import RunFolder
-from server.secure import declared_units, run_secure_rounds, secure_message_config, secure_settings
-from server.signed_grid import SignedGrid
-from server.strategy import CheckedAggregation, make_strategy
-from server.summary import build_summary, site_data_seconds
+from edfed.common.config import TrainConfig, train_config_from
+from edfed.common.contract import OUTCOMES
+from edfed.common.errors import EdfedError
+from edfed.common.evaluation import PooledEvaluation, write_summary
+from edfed.common.exchange import encoder_fingerprint, frozen_init_fingerprint
+from edfed.common.model import OutcomeModel, build_model
+from edfed.server.run_folder import RunFolder
+from edfed.server.secure import declared_units, run_secure_rounds, secure_message_config, secure_settings
+from edfed.server.signed_grid import SignedGrid
+from edfed.server.strategy import CheckedAggregation, make_strategy
+from edfed.server.summary import build_summary, site_data_seconds
 
 OnRound = Callable[[int, int, dict[str, float], float], None]
 

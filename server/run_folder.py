@@ -21,11 +21,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from common.config import RUN_DEFAULTS
-from common.errors import EdfedError
-from common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
-from common.model import OutcomeModel
-from server.strategy import CheckedAggregation
+from edfed.common.config import RUN_DEFAULTS
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
+from edfed.common.model import OutcomeModel
+from edfed.server.strategy import CheckedAggregation
 
 
 class RunFolder:

@@ -28,11 +28,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from common.data import SPLIT_SHARES
-from common.errors import EdfedError
-from common.model import OutcomeModel
-from common.privacy import central_noise
-from common.train import glm_apply
+from edfed.common.data import SPLIT_SHARES
+from edfed.common.errors import EdfedError
+from edfed.common.model import OutcomeModel
+from edfed.common.privacy import central_noise
+from edfed.common.train import glm_apply
 
 # A site's gradient sum is at most its units in any coordinate (residuals in [-1, 1], feature coordinates in
 # [-1, 1]); its declared units may undercount them, hence the headroom. A value clipped to the range after the

@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import run_federation
+from edfed.server.federation import run_federation
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # the coordinator reports nothing to Flower's telemetry
 app = ServerApp()

@@ -14,9 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import EdfedError
-from common.files import SHARED_FILE_MODE, atomic_write_text, private_dir
-from common.supervisor import (
+from edfed.common.errors import EdfedError
+from edfed.common.files import SHARED_FILE_MODE, atomic_write_text, private_dir
+from edfed.common.supervisor import (
     BIN,
     Child,
     Problems,
@@ -123,7 +123,7 @@ def check_coordinator(service: CoordinatorService, problems: Problems) -> Proble
         if (problem := private_file_problem(service.signing_key, "coordinator signing key (`signing-key`)")):
             problems.append(problem)
         else:
-            from common.signing import load_coordinator_key
+            from edfed.common.signing import load_coordinator_key
 
             try:
                 load_coordinator_key(service.signing_key)
@@ -140,8 +140,8 @@ def check_coordinator(service: CoordinatorService, problems: Problems) -> Proble
 
 
 def coordinator_children(service: CoordinatorService) -> list[Child]:
-    from common.credentials import superexec_secret
-    from common.proxy import write_proxy_config
+    from edfed.common.credentials import superexec_secret
+    from edfed.common.proxy import write_proxy_config
 
     state = private_dir(service.state_dir.expanduser().resolve())
     creds = service.credentials.expanduser().resolve()

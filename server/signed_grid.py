@@ -20,8 +20,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.errors import EdfedError
-from common.signing import (
+from edfed.common.errors import EdfedError
+from edfed.common.signing import (
     load_coordinator_key,
     load_site_public_keys,
     pem_public_key,

@@ -8,8 +8,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.errors import EdfedError
-from common.exchange import REFUSED_BUDGET, REFUSED_REPEAT, state_bytes, update_problem
+from edfed.common.errors import EdfedError
+from edfed.common.exchange import REFUSED_BUDGET, REFUSED_REPEAT, state_bytes, update_problem
 
 REFUSALS = {REFUSED_BUDGET: "refused the round: privacy budget",
             REFUSED_REPEAT: "refused the round: it had already trained this round"}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import train_config_from
-from common.evaluation import PooledEvaluation
-from common.model import OutcomeModel
-from common.precision import machine_facts
-from server.strategy import CheckedAggregation
+from edfed.common.config import train_config_from
+from edfed.common.evaluation import PooledEvaluation
+from edfed.common.model import OutcomeModel
+from edfed.common.precision import machine_facts
+from edfed.server.strategy import CheckedAggregation
 
 
 def build_summary(run_config: dict, meta: dict, run_dir: Path, model: OutcomeModel, strategy: CheckedAggregation,

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.config import TrainConfig
-from common.data import load_cohort
-from common.display import Phases, make_console
-from common.errors import EdfedError
-from common.evaluation import (
+from edfed.common.config import TrainConfig
+from edfed.common.data import load_cohort
+from edfed.common.display import Phases, make_console
+from edfed.common.errors import EdfedError
+from edfed.common.evaluation import (
     POOLED_PREDICTIONS,
     evaluate_on_test,
     plot_with_references,
@@ -25,10 +25,10 @@ from common.evaluation import (
     print_peers,
     write_summary,
 )
-from common.features import load_tokenizer
-from common.peers import regression_peers
-from common.precision import machine_facts
-from common.train import fit_model, save_trainable_state
+from edfed.common.features import load_tokenizer
+from edfed.common.peers import regression_peers
+from edfed.common.precision import machine_facts
+from edfed.common.train import fit_model, save_trainable_state
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

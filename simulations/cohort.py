@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 GENERATOR_VERSION = 1
 DATE_START = np.datetime64("2020-03-01", "D")
@@ -1153,7 +1153,7 @@ def ensure_cohort(data_dir: Path, seed: int = 0) -> Path:
     """`data_dir` itself when it exists; the default simulated cohort generated there when it is the main job's
     default folder (so the README's first command needs no data of its own); otherwise an `EdfedError`, before
     anything is written: a mistyped --data must not train on fake data."""
-    from common.config import DEFAULT_DATA_DIR
+    from edfed.common.config import DEFAULT_DATA_DIR
 
     data_dir = Path(data_dir)
     if not data_dir.exists() and data_dir.resolve() != DEFAULT_DATA_DIR.resolve():

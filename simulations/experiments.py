@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import DEFAULT_DATA_DIR, NOTE_SECTIONS, TrainConfig
-from common.errors import EdfedError
-from common.files import atomic_write_text
-from common.markdown import markdown_table
+from edfed.common.config import DEFAULT_DATA_DIR, NOTE_SECTIONS, TrainConfig
+from edfed.common.errors import EdfedError
+from edfed.common.files import atomic_write_text
+from edfed.common.markdown import markdown_table
 
 # The two sections Henriksson et al. found most predictive, and the rest.
 KEY_SECTIONS = ("impression", "assessment_plan")
@@ -124,8 +124,8 @@ def run_experiment(name: str, data_dir: Path, out: Path | None = None, model: Pa
                    epochs: int | None = None, rounds: int | None = None, seed: int = 0,
                    epsilon: float | None = None, bootstrap: int = 200) -> dict:
     """Run every unfinished arm of experiment `name`, then write results.json, results.md, auroc.png."""
-    from common.data import load_cohort
-    from common.display import make_console
+    from edfed.common.data import load_cohort
+    from edfed.common.display import make_console
 
     started = time.perf_counter()
     experiment = EXPERIMENTS.get(name)
@@ -193,7 +193,7 @@ def _claim_folder(out: Path, settings: dict) -> None:
 
 
 def _run_central_arm(name: str, arm: Arm, base: TrainConfig, cohort, data_dir: Path, arm_dir: Path) -> None:
-    from simulations.central import train_central
+    from edfed.simulations.central import train_central
 
     extra = {"experiment": name, "arm": arm.name}
     if arm.held_out:
@@ -205,9 +205,9 @@ def _run_central_arm(name: str, arm: Arm, base: TrainConfig, cohort, data_dir: P
 
 def _run_federated_arm(settings: dict, data_dir: Path, arm_dir: Path) -> None:
     """`edfed simulate --local-baselines` into the arm's folder; an interrupted one is resumed."""
-    from client.local_models import local_only_models
-    from common.evaluation import write_summary
-    from simulations.federated import run_simulate
+    from edfed.client.local_models import local_only_models
+    from edfed.common.evaluation import write_summary
+    from edfed.simulations.federated import run_simulate
 
     if (arm_dir / "summary.json").exists():  # the federation finished, its local-only baselines did not
         summary = json.loads((arm_dir / "summary.json").read_text())
@@ -233,9 +233,9 @@ def fit_structured_baseline(arm: Arm, base: TrainConfig, cohort, data_dir: Path,
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from common.contract import OUTCOMES
-    from common.evaluation import score_test, write_summary
-    from common.features import structured_feature_names, structured_features
+    from edfed.common.contract import OUTCOMES
+    from edfed.common.evaluation import score_test, write_summary
+    from edfed.common.features import structured_feature_names, structured_features
 
     started = time.perf_counter()
     train, _, test = arm_parts(arm, cohort)
@@ -324,7 +324,7 @@ def mean_per_site_auroc(per_site: dict[str, dict]) -> dict[str, float]:
 
 def _local_only(summary: dict, fed_dir: Path, data_dir: Path, settings: dict) -> dict:
     """Each site's local-only model: its own test split (from the federated arm) and all of them pooled."""
-    from common.evaluation import score_saved_predictions
+    from edfed.common.evaluation import score_saved_predictions
 
     per_site = summary["local_only"]
     pooled = score_saved_predictions([fed_dir / "local-only" / site / "predictions.parquet" for site in per_site],
@@ -340,7 +340,7 @@ def _test_predictions(arm_dir: Path, test):
     """A central arm's test visits (cohort columns) with their labels and predicted risks, aligned."""
     import pandas as pd
 
-    from common.contract import OUTCOMES
+    from edfed.common.contract import OUTCOMES
 
     predictions = pd.read_parquet(arm_dir / "predictions.parquet")
     risk_cols = [f"p_{o}" for o in OUTCOMES]
@@ -373,7 +373,7 @@ def subgroup_levels(table) -> dict[str, Any]:
 
 def subgroup_metrics(table, labels, probs, bootstrap: int = 200, seed: int = 0) -> dict:
     """{group: {level: {outcome: metrics incl. n and events}}}; each group's levels partition the rows."""
-    from common.metrics import evaluate
+    from edfed.common.metrics import evaluate
 
     order = {"age": list(AGE_BANDS), "visits": ["one visit", "several visits"]}
     result = {}
@@ -387,8 +387,8 @@ def subgroup_metrics(table, labels, probs, bootstrap: int = 200, seed: int = 0) 
 def _loso(arms: list[Arm], summaries: dict, cohort, out: Path, settings: dict) -> dict:
     """Per held-out site: AUROC on all its visits, on its test split only, and the in-distribution
     central model's on that same test split (the fair comparison)."""
-    from common.evaluation import oracle_risks
-    from common.metrics import evaluate
+    from edfed.common.evaluation import oracle_risks
+    from edfed.common.metrics import evaluate
 
     result = {}
     central = summaries["central"]["per_site"]
@@ -447,7 +447,7 @@ def _table_rows(results: dict) -> list[dict]:
 
 def arms_table(results: dict) -> str:
     """Markdown: arm, per outcome pooled AUROC (95% CI) and AUPRC (+ mean per-site AUROC for settings)."""
-    from common.contract import OUTCOMES
+    from edfed.common.contract import OUTCOMES
 
     per_site = results["experiment"] == "settings"
     notes = results["experiment"] == "notes"
@@ -479,7 +479,7 @@ def arms_table(results: dict) -> str:
 
 def _shared_oracle(results: dict) -> dict | None:
     """The oracle AUROC per outcome when every row was scored on the same visits (it is then identical)."""
-    from common.contract import OUTCOMES
+    from edfed.common.contract import OUTCOMES
 
     finals = [r["final"] for r in _table_rows(results) if r["final"]]
     oracle = {}
@@ -492,7 +492,7 @@ def _shared_oracle(results: dict) -> dict | None:
 
 
 def results_markdown(results: dict) -> str:
-    from common.contract import OUTCOMES
+    from edfed.common.contract import OUTCOMES
 
     s = results["settings"]
     federation = f", {_plural(s['rounds'], 'round')} (federated), epsilon {s['epsilon']:g}" if s["rounds"] else ""
@@ -548,7 +548,7 @@ def results_markdown(results: dict) -> str:
 
 
 def _write_plot(results: dict, path: Path) -> None:
-    from common.plots import plot_auroc_bars
+    from edfed.common.plots import plot_auroc_bars
 
     if "subgroups" in results:
         rows = {f"{g}: {level}": m for g, levels in results["subgroups"].items() for level, m in levels.items()}
@@ -623,7 +623,7 @@ def run_experiment_command(args: argparse.Namespace) -> None:
     if not args.name:
         raise EdfedError(f"name an experiment: one of {', '.join(EXPERIMENTS)} (`edfed experiment --list` "
                          f"describes them)")
-    from simulations.cohort import ensure_cohort
+    from edfed.simulations.cohort import ensure_cohort
 
     ensure_cohort(args.data)
     run_experiment(args.name, args.data, args.out, args.model, args.epochs, args.rounds, args.seed, args.epsilon,

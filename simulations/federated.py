@@ -19,14 +19,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from client.local_models import deployed_models, local_only_models
-from common.config import run_config_from_args
-from common.contract import OUTCOMES
-from common.data import load_cohort, site_files
-from common.display import Phases, make_console, progress_bar
-from common.errors import EdfedError
-from common.evaluation import POOLED_PREDICTIONS, plot_with_references, print_peers, write_summary
-from common.peers import federation_peers
+from edfed.client.local_models import deployed_models, local_only_models
+from edfed.common.config import run_config_from_args
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import load_cohort, site_files
+from edfed.common.display import Phases, make_console, progress_bar
+from edfed.common.errors import EdfedError
+from edfed.common.evaluation import POOLED_PREDICTIONS, plot_with_references, print_peers, write_summary
+from edfed.common.peers import federation_peers
 
 
 class _NotRunSimulationDeprecation(logging.Filter):
@@ -44,8 +44,8 @@ def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool 
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
-    from server.federation import run_federation
+    from edfed.client.client_app import app as client_app
+    from edfed.server.federation import run_federation
 
     outcome: dict = {}
     server_app = ServerApp()
@@ -159,7 +159,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     else:
         data_dir = args.data
         if not data_dir.exists():
-            from simulations.cohort import ensure_cohort
+            from edfed.simulations.cohort import ensure_cohort
 
             with phases("cohort"):
                 ensure_cohort(data_dir, seed=args.seed or 0)

@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.audit import audit_run
-from common.contract import OUTCOMES
-from common.data import load_cohort, site_files
-from common.display import make_console
-from common.errors import EdfedError
-from common.evaluation import write_summary
-from common.files import atomic_write, atomic_write_text
-from common.markdown import markdown_table
+from edfed.common.audit import audit_run
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import load_cohort, site_files
+from edfed.common.display import make_console
+from edfed.common.errors import EdfedError
+from edfed.common.evaluation import write_summary
+from edfed.common.files import atomic_write, atomic_write_text
+from edfed.common.markdown import markdown_table
 
 METRICS = ("auroc", "auprc")
 # Settings that differ between points (or only name a folder), so they are not part of sweep.json.
@@ -81,7 +81,7 @@ def run_point(args: argparse.Namespace, sweep_dir: Path, epsilon: float, seed: i
     folder and a fresh ledger give the same point an uninterrupted run gives. Resetting that ledger hides
     no spend: everything trained under it (checkpoints, adapter) is deleted with it.
     """
-    from simulations.federated import run_simulate
+    from edfed.simulations.federated import run_simulate
 
     folder = point_dir(sweep_dir, epsilon, seed)
     if (folder / "summary.json").exists():
@@ -101,8 +101,8 @@ def local_only_reference(run_config: dict, data_dir: Path, out_dir: Path) -> dic
 
     Computed once per seed, not per budget: it involves no DP, so it does not depend on epsilon.
     """
-    from client.local_models import local_only_config, local_only_models
-    from common.evaluation import score_saved_predictions
+    from edfed.client.local_models import local_only_config, local_only_models
+    from edfed.common.evaluation import score_saved_predictions
 
     started = time.perf_counter()
     config = local_only_config(run_config)
@@ -152,7 +152,7 @@ def _fmt(mean: float, sd: float, n: int, digits: int = 3) -> str:
 
 def write_results(sweep_dir: Path, settings: dict, started: float) -> dict:
     """results.csv, results.md, privacy_utility.png and summary.json from every finished point on disk."""
-    from common.plots import plot_privacy_utility
+    from edfed.common.plots import plot_privacy_utility
 
     rows = [point_row(p.parent) for p in sorted(sweep_dir.glob("eps-*/seed-*/summary.json"))]
     if not rows:
@@ -270,7 +270,7 @@ def _check_settings(sweep_dir: Path, settings: dict) -> None:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """Every (epsilon, seed) point not yet on disk, its audit, the local-only reference per seed, the tables."""
-    from common.config import RUN_DEFAULTS, run_config_from_args
+    from edfed.common.config import RUN_DEFAULTS, run_config_from_args
 
     started = time.perf_counter()
     console = make_console()
@@ -280,7 +280,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     first_seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
     seeds = [first_seed + k for k in range(args.seeds)]
     data_dir = args.data.resolve()
-    from simulations.cohort import ensure_cohort
+    from edfed.simulations.cohort import ensure_cohort
 
     ensure_cohort(data_dir, seed=first_seed)
     load_cohort(data_dir, first_seed)  # every site passes the contract before anything runs

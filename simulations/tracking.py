@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.errors import EdfedError
-from common.metrics import small_cell
+from edfed.common.errors import EdfedError
+from edfed.common.metrics import small_cell
 
 DEFAULT_URI = "file:./mlruns"
 _METRICS = ("auroc", "auprc", "brier", "ece", "calibration_slope", "calibration_intercept", "oracle_auroc")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import default_encoder_dir
+from edfed.common.config import default_encoder_dir
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -34,9 +34,9 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-from common.config import RUN_DEFAULTS, train_config_from
-from common.model import build_model
-from common.signing import load_site_key, sign_reply
+from edfed.common.config import RUN_DEFAULTS, train_config_from
+from edfed.common.model import build_model
+from edfed.common.signing import load_site_key, sign_reply
 
 
 def _push(client: FleetHttpClient, node: Node, msg: Message, deadline: float) -> str:

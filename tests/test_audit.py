@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from common.audit import audit_model, audit_run, membership_attack
-from common.config import TrainConfig
-from common.data import VisitDataset, load_site_splits
-from common.errors import EdfedError
-from common.features import structured_feature_names
-from common.model import OutcomeModel
-from common.train import make_loader, make_optimizer, train_epoch
-from simulations.cohort import generate_cohort
+from edfed.common.audit import audit_model, audit_run, membership_attack
+from edfed.common.config import TrainConfig
+from edfed.common.data import VisitDataset, load_site_splits
+from edfed.common.errors import EdfedError
+from edfed.common.features import structured_feature_names
+from edfed.common.model import OutcomeModel
+from edfed.common.train import make_loader, make_optimizer, train_epoch
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_attack_balances_the_sets_and_reads_the_roc_curve():
 
 @pytest.mark.parametrize("architecture", ["full", "compact", "glm"])
 def test_audit_run_finds_the_checkpoint_and_the_peft_adapter(cohort, tmp_path, tiny_encoder, architecture):
-    from server.run_folder import RunFolder
+    from edfed.server.run_folder import RunFolder
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, lora_r=4, architecture=architecture)
     torch.manual_seed(config.seed)

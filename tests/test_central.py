@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cli.main import main
-from common.config import RUN_DEFAULTS, run_config_from_args
-from common.contract import OUTCOMES
-from common.data import patient_split
-from simulations.central import config_from_args
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main
+from edfed.common.config import RUN_DEFAULTS, run_config_from_args
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import patient_split
+from edfed.simulations.central import config_from_args
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_patient_split_is_by_patient_and_deterministic(cohort):
 
 
 def test_flags_left_out_keep_the_files_defaults_and_given_flags_override_their_key():
-    from cli.main import build_parser
+    from edfed.cli.main import build_parser
 
     args = build_parser().parse_args(["simulate", "--rounds", "3", "--max-tokens", "64", "--epsilon", "inf"])
     run_config = run_config_from_args(args)
@@ -92,7 +92,7 @@ def test_flags_left_out_keep_the_files_defaults_and_given_flags_override_their_k
 
 
 def test_oracle_risks_align_when_sites_share_visit_ids(tmp_path):
-    from common.evaluation import oracle_risks
+    from edfed.common.evaluation import oracle_risks
 
     (tmp_path / "oracle").mkdir()
     for k, risk in ((1, 0.1), (2, 0.9)):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import main as cli
+from edfed.cli import main as cli
 
 
 def test_version(capsys):
@@ -72,7 +72,7 @@ def test_bad_flag_value_stops_before_the_default_cohort_is_generated(tmp_path, m
 
 
 def test_default_data_folder_is_still_generated(tmp_path, monkeypatch):
-    from simulations import cohort
+    from edfed.simulations import cohort
 
     made = []
     monkeypatch.chdir(tmp_path)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import EdfedError
-from simulations.cohort import generate_cohort, simulate_site, site_sizes
+from edfed.common.errors import EdfedError
+from edfed.simulations.cohort import generate_cohort, simulate_site, site_sizes
 
 N = 150  # visits per site in these tests
 SITES = 6
@@ -173,7 +173,7 @@ def test_values_within_contract(cohort: Path) -> None:
 
 
 def test_loads_with_the_contract_checker(cohort: Path) -> None:
-    from common.contract import load_site
+    from edfed.common.contract import load_site
 
     for k in range(1, SITES + 1):
         clean = load_site(cohort / f"site-{k}.parquet")
@@ -299,7 +299,7 @@ def test_the_default_cohort_is_unchanged_by_the_harder_options(tmp_path):
 
 
 def test_harder_cohort_moves_mortality_with_the_calendar():
-    from simulations.cohort import DATE_START, MORTALITY, calendar_mortality_shift
+    from edfed.simulations.cohort import DATE_START, MORTALITY, calendar_mortality_shift
 
     hard = simulate_site(1, 800, np.random.default_rng(4), harder=True)
     t, lat = hard["table"], hard["latent"]
@@ -317,7 +317,7 @@ def test_harder_cohort_moves_mortality_with_the_calendar():
 
 
 def test_harder_notes_copy_forward_have_typos_and_one_site_writes_swedish():
-    from simulations.cohort import SWEDISH_SITE
+    from edfed.simulations.cohort import SWEDISH_SITE
 
     plain = simulate_site(SWEDISH_SITE, 300, np.random.default_rng(5))["table"]
     hard = simulate_site(SWEDISH_SITE, 300, np.random.default_rng(5), harder=True)["table"]

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cli import main as cli
-from common.contract import (
+from edfed.cli import main as cli
+from edfed.common.contract import (
     CONTRACT_COLUMNS,
     FLAG_COLUMNS,
     NOTE_COLUMNS,
@@ -21,7 +21,7 @@ from common.contract import (
     print_profile,
     profile_site,
 )
-from common.errors import EdfedError
+from edfed.common.errors import EdfedError
 
 SECRET = "ZEBRAFISHWORD"  # a distinctive word that must never reach a message
 

@@ -10,9 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-from cli.main import main
-from common.credentials import init_coordinator, site_key
-from common.errors import EdfedError
+from edfed.cli.main import main
+from edfed.common.credentials import init_coordinator, site_key
+from edfed.common.errors import EdfedError
 
 
 def test_coordinator_certificate_is_signed_by_the_ca_for_its_hosts_and_the_loopback_names(tmp_path):

@@ -25,8 +25,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from cli.main import main as edfed
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main as edfed
+from edfed.simulations.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
 
@@ -112,11 +112,11 @@ _ONE_SITE_ROUND = """
 import sys
 from pathlib import Path
 
-import client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
-from client.site import check_site, settings_from_configs, train_round
-from common.model import build_model
-from common.config import RUN_DEFAULTS, train_config_from
-from common.privacy import PrivacyLedger
+import edfed.client.client_app  # noqa: F401  (what flwr-clientapp imports before it handles a message)
+from edfed.client.site import check_site, settings_from_configs, train_round
+from edfed.common.model import build_model
+from edfed.common.config import RUN_DEFAULTS, train_config_from
+from edfed.common.privacy import PrivacyLedger
 
 data, encoder, scratch = sys.argv[1:4]
 PrivacyLedger.init(Path(scratch) / "ledger.json")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import RUN_DEFAULTS, resolve_device
-from common.errors import EdfedError
-from common.train import fit_model
+from edfed.common.config import RUN_DEFAULTS, resolve_device
+from edfed.common.errors import EdfedError
+from edfed.common.train import fit_model
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
 

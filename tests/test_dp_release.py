@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-import client.site as site_module
-from cli.main import main as edfed
-from client.site import (
+import edfed.client.site as site_module
+from edfed.cli.main import main as edfed
+from edfed.client.site import (
     MAX_GLOBAL_ABS,
     REFUSED_RATE,
     SiteSettings,
@@ -28,12 +28,12 @@ from client.site import (
     settings_from_configs,
     train_round,
 )
-from common.config import TrainConfig
-from common.data import load_site_splits
-from common.errors import EdfedError
-from common.model import build_model
-from common.privacy import PrivacyLedger, epsilon_of, rdp_epsilon_of, secure_gaussian
-from simulations.cohort import generate_cohort
+from edfed.common.config import TrainConfig
+from edfed.common.data import load_site_splits
+from edfed.common.errors import EdfedError
+from edfed.common.model import build_model
+from edfed.common.privacy import PrivacyLedger, epsilon_of, rdp_epsilon_of, secure_gaussian
+from edfed.simulations.cohort import generate_cohort
 
 EXTREME = 3.4e38
 
@@ -135,9 +135,9 @@ def test_settings_that_overflow_whatever_the_data_are_refused_before_any_budget_
 
 
 def test_a_nan_logit_counts_as_zero_so_the_gradient_sum_stays_within_the_sensitivity(cohort, tiny_encoder):
-    from common.data import VisitDataset
-    from common.features import load_tokenizer
-    from common.train import cache_frozen_layers, glm_gradient_sum, glm_rows
+    from edfed.common.data import VisitDataset
+    from edfed.common.features import load_tokenizer
+    from edfed.common.train import cache_frozen_layers, glm_gradient_sum, glm_rows
 
     model = build_model(_config(tiny_encoder, "glm"))
     dataset = VisitDataset(load_site_splits("site-1", cohort / "site-1.parquet", 0).part("train"),

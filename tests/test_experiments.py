@@ -10,17 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import client.local_models as local_models
-import simulations.central as central
-import simulations.experiments as experiments
-import simulations.federated as federated
-from cli.main import main
-from common.config import NOTE_SECTIONS
-from common.contract import OUTCOMES
-from common.data import load_cohort
-from common.metrics import evaluate
-from simulations.cohort import generate_cohort
-from simulations.experiments import arm_parts, experiment_arms, subgroup_levels, subgroup_metrics
+import edfed.client.local_models as local_models
+import edfed.simulations.central as central
+import edfed.simulations.experiments as experiments
+import edfed.simulations.federated as federated
+from edfed.cli.main import main
+from edfed.common.config import NOTE_SECTIONS
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import load_cohort
+from edfed.common.metrics import evaluate
+from edfed.simulations.cohort import generate_cohort
+from edfed.simulations.experiments import arm_parts, experiment_arms, subgroup_levels, subgroup_metrics
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from client.client_app import app as client_app
-from client.site import SiteSettings, dp_rng_seed, train_round
-from common.config import TrainConfig
-from common.errors import EdfedError
-from common.privacy import PrivacyLedger, epsilon_of
-from server.federation import run_federation
-from server.strategy import CheckedFedAvg
-from simulations.cohort import generate_cohort
+from edfed.client.client_app import app as client_app
+from edfed.client.site import SiteSettings, dp_rng_seed, train_round
+from edfed.common.config import TrainConfig
+from edfed.common.errors import EdfedError
+from edfed.common.privacy import PrivacyLedger, epsilon_of
+from edfed.server.federation import run_federation
+from edfed.server.strategy import CheckedFedAvg
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def _settings(cohort: Path, tmp_path: Path, epsilon: float) -> SiteSettings:
 
 
 def _state(config: TrainConfig) -> dict[str, torch.Tensor]:
-    from common.model import build_model
+    from edfed.common.model import build_model
 
     return build_model(config).trainable_state()
 
@@ -354,9 +354,9 @@ def test_other_strategies_run_and_frozen_parts_never_travel(cohort, tmp_path, ti
 
 
 def test_proximal_step_pulls_towards_the_global_model(cohort, tiny_encoder):
-    from common.data import VisitDataset
-    from common.model import build_model
-    from common.train import make_loader, make_optimizer, train_epoch
+    from edfed.common.data import VisitDataset
+    from edfed.common.model import build_model
+    from edfed.common.train import make_loader, make_optimizer, train_epoch
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, modality="structured", lr=0.01)
     model = build_model(config)
@@ -376,7 +376,7 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
     """Per-example grads (Opacus hooks) of the adapters and heads sum to the ordinary batch gradient."""
     from opacus import GradSampleModule
 
-    from common.model import build_model
+    from edfed.common.model import build_model
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     model = build_model(config, None, precision="fp32")
@@ -410,11 +410,11 @@ def test_opacus_per_example_gradients_match_autograd_on_cached_inputs(tiny_encod
 def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, tiny_encoder, clipping, unit):
     """Per-layer: each tensor's clipped gradient stays under C/sqrt(n), the thresholds' L2 norm is C (so the
     noise and epsilon are unchanged). Flat clipping lets some tensor take more: the check can tell them apart."""
-    from common.data import VisitDataset
-    from common.features import load_tokenizer
-    from common.model import build_model
-    from common.privacy import make_private, seeded_gaussian
-    from common.train import make_optimizer
+    from edfed.common.data import VisitDataset
+    from edfed.common.features import load_tokenizer
+    from edfed.common.model import build_model
+    from edfed.common.privacy import make_private, seeded_gaussian
+    from edfed.common.train import make_optimizer
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, cache_frozen=False)
     model = build_model(config)
@@ -449,8 +449,8 @@ def test_per_layer_clipping_bounds_every_tensor_at_the_same_sensitivity(cohort, 
 
 
 def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp_path, tiny_encoder):
-    from common.exchange import frozen_init_fingerprint
-    from common.model import build_model
+    from edfed.common.exchange import frozen_init_fingerprint
+    from edfed.common.model import build_model
 
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1, architecture="compact")
     server_side = frozen_init_fingerprint(build_model(config))
@@ -466,7 +466,7 @@ def test_a_site_whose_seeded_frozen_matrices_differ_refuses_to_train(cohort, tmp
 
 
 def test_architecture_auto_follows_the_runs_privacy_setting():
-    from common.config import RUN_DEFAULTS, train_config_from
+    from edfed.common.config import RUN_DEFAULTS, train_config_from
 
     assert train_config_from({**RUN_DEFAULTS, "epsilon": 8.0}).glm
     assert train_config_from({**RUN_DEFAULTS, "epsilon": math.inf}).architecture == "full"
@@ -480,14 +480,14 @@ def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_g
         cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
 
-    import client.local_models
-    from client.local_models import CANDIDATES, deployed_models
-    from common.config import train_config_from
-    from common.data import VisitDataset
-    from common.features import load_tokenizer
-    from common.metrics import evaluate
-    from common.model import build_model
-    from common.train import cache_frozen_layers, fit_model, predict
+    import edfed.client.local_models
+    from edfed.client.local_models import CANDIDATES, deployed_models
+    from edfed.common.config import train_config_from
+    from edfed.common.data import VisitDataset
+    from edfed.common.features import load_tokenizer
+    from edfed.common.metrics import evaluate
+    from edfed.common.model import build_model
+    from edfed.common.train import cache_frozen_layers, fit_model, predict
 
     run_dir = tmp_path / "run"
     run_config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1, "architecture": "compact"})
@@ -506,7 +506,7 @@ def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_g
         fits.append((fit_config, val, kw.get("initial_state"), history))
         return model, history
 
-    monkeypatch.setattr(client.local_models, "fit_model", recording_fit)
+    monkeypatch.setattr(edfed.client.local_models, "fit_model", recording_fit)
     deployment = deployed_models(run_config, cohort, run_dir)
     sites = {f"site-{k}" for k in range(1, 7)}
     assert set(deployment["deployed"]) == sites and all(set(deployment[c]) == sites for c in CANDIDATES)
@@ -546,7 +546,7 @@ def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_
 
     from safetensors.torch import load_file
 
-    from cli.main import main
+    from edfed.cli.main import main
 
     run_dir = tmp_path / "run"
     run_federation(InProcessGrid(_sim_nodes()), _run_config(cohort, run_dir, tiny_encoder,
@@ -600,10 +600,10 @@ class _MatmulDtypes(TorchDispatchMode):
 @pytest.mark.parametrize("native", [False, True])
 def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, tiny_encoder, monkeypatch, native):
     """Precision is each machine's own: detected where the model runs, never taken from the server."""
-    import common.precision
+    import edfed.common.precision
 
     monkeypatch.delenv("EDFED_PRECISION", raising=False)
-    monkeypatch.setattr(common.precision, "native_bf16", lambda: native)
+    monkeypatch.setattr(edfed.common.precision, "native_bf16", lambda: native)
     grid = InProcessGrid(_sim_nodes(2))
     with _MatmulDtypes() as recorded:
         summary = run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, **{
@@ -621,7 +621,7 @@ def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, ti
 
 
 def test_another_noise_draw_or_seed_gives_every_simulated_site_other_dp_noise(tmp_path):
-    from client.site import settings_from_configs
+    from edfed.client.site import settings_from_configs
 
     def seed(site: int, draw: int, run_seed: int = 0) -> int:
         message = {"run-dir": str(tmp_path), "data-dir": str(tmp_path), "noise-draw": draw,
@@ -639,10 +639,10 @@ def test_a_federation_under_dp_sends_only_the_glm_and_a_site_deploys_from_it(coh
                                                                               monkeypatch):
     import shutil
 
-    import client.local_models
-    from client.local_models import CANDIDATES, LOCAL_ONLY_CACHE, deploy_at_site
-    from common.data import load_site_splits
-    from common.train import fit_model
+    import edfed.client.local_models
+    from edfed.client.local_models import CANDIDATES, LOCAL_ONLY_CACHE, deploy_at_site
+    from edfed.common.data import load_site_splits
+    from edfed.common.train import fit_model
 
     grid = InProcessGrid(_sim_nodes())
     run_dir = tmp_path / "run"
@@ -659,7 +659,7 @@ def test_a_federation_under_dp_sends_only_the_glm_and_a_site_deploys_from_it(coh
         fitted.append(config.architecture)
         return fit_model(config, *args, **kw)
 
-    monkeypatch.setattr(client.local_models, "fit_model", recording_fit)
+    monkeypatch.setattr(edfed.client.local_models, "fit_model", recording_fit)
     shutil.rmtree(cohort / LOCAL_ONLY_CACHE, ignore_errors=True)  # what earlier tests kept there
     rows = load_site_splits("site-2", cohort / "site-2.parquet", 0).table
     result, _ = deploy_at_site(run_config, run_dir, rows, cohort, tmp_path / "deployed")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from common.evaluation import print_peers
-from common.metrics import SUPPRESSED, calibration_slope_intercept, evaluate
-from common.plots import calibration_bins, plot_roc_and_calibration, wilson_interval
-from common.report import site_models, sites_table, write_report
+from edfed.common.evaluation import print_peers
+from edfed.common.metrics import SUPPRESSED, calibration_slope_intercept, evaluate
+from edfed.common.plots import calibration_bins, plot_roc_and_calibration, wilson_interval
+from edfed.common.report import site_models, sites_table, write_report
 
 
 def test_a_bin_of_one_visit_is_not_a_confident_one():

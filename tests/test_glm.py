@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.site import SiteSettings, train_round
-from common.config import TrainConfig
-from common.data import VisitDataset, load_site_splits
-from common.features import load_tokenizer
-from common.model import build_model
-from common.privacy import PrivacyLedger, epsilon_of
-from common.train import cache_frozen_layers, glm_gradient_sum, glm_rows, glm_step
-from simulations.cohort import generate_cohort
+from edfed.client.site import SiteSettings, train_round
+from edfed.common.config import TrainConfig
+from edfed.common.data import VisitDataset, load_site_splits
+from edfed.common.features import load_tokenizer
+from edfed.common.model import build_model
+from edfed.common.privacy import PrivacyLedger, epsilon_of
+from edfed.common.train import cache_frozen_layers, glm_gradient_sum, glm_rows, glm_step
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")

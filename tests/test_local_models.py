@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from client.local_models import (
+from edfed.client.local_models import (
     CANDIDATES,
     LOCAL_ONLY_WEIGHT,
     OWN_REGRESSION,
@@ -19,11 +19,11 @@ from client.local_models import (
     deployment_recipes,
     fit_recipes,
 )
-from common.contract import OUTCOMES
-from common.data import load_site_splits
-from common.metrics import evaluate
-from common.peers import fit_peers
-from simulations.cohort import generate_cohort
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import load_site_splits
+from edfed.common.metrics import evaluate
+from edfed.common.peers import fit_peers
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from common.config import TrainConfig
-from common.features import structured_feature_names, structured_features, tokenize_notes
-from common.model import OutcomeModel, _mean_pool, per_example_loss
+from edfed.common.config import TrainConfig
+from edfed.common.features import structured_feature_names, structured_features, tokenize_notes
+from edfed.common.model import OutcomeModel, _mean_pool, per_example_loss
 
 N_STRUCT = len(structured_feature_names())
 
@@ -149,7 +149,7 @@ def test_structured_features_need_no_other_rows():
 
 
 def test_calendar_basis_is_piecewise_linear_on_fixed_knots():
-    from common.features import _CALENDAR_KNOTS, calendar_features
+    from edfed.common.features import _CALENDAR_KNOTS, calendar_features
 
     knot, next_knot = _CALENDAR_KNOTS[2], _CALENDAR_KNOTS[3]
     middle = knot + (next_knot - knot) // 2
@@ -163,7 +163,7 @@ def test_calendar_basis_is_piecewise_linear_on_fixed_knots():
 
 
 def test_lexical_features_are_stateless_tagged_by_section_and_read_any_language():
-    from common.features import lexical_features
+    from edfed.common.features import lexical_features
 
     table = pd.DataFrame({
         "note_triage": ["dyspné, feber", "", "cough"],

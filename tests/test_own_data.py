@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from test_contract import SECRET, make_site
 
-from cli import main as cli
-from common.contract import load_site
-from common.errors import EdfedError
+from edfed.cli import main as cli
+from edfed.common.contract import load_site
+from edfed.common.errors import EdfedError
 
 # what a hospital's export calls the contract's columns
 LOCAL_NAMES = {"visit_id": "VISIT_NO", "patient_id": "PAT_ID", "arrival_date": "ARRIVAL", "age": "AGE_YEARS",

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import peers as peers_module
-from common.contract import OUTCOMES
-from common.data import load_cohort, site_files
-from common.peers import PEERS, federation_peers, fit_peers, regression_peers
-from common.report import SUPPRESSED, render_report
-from simulations.cohort import generate_cohort
+from edfed.common import peers as peers_module
+from edfed.common.contract import OUTCOMES
+from edfed.common.data import load_cohort, site_files
+from edfed.common.peers import PEERS, federation_peers, fit_peers, regression_peers
+from edfed.common.report import SUPPRESSED, render_report
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +138,16 @@ def test_reports_show_the_model_next_to_its_peers(tmp_path):
 
 def test_simulate_adds_the_federation_peers_and_reports_them(signal_cohort, tmp_path, monkeypatch, capsys):
     """`edfed simulate` (its federation replaced by a stub that scores like the server) writes and prints peers."""
-    from cli.main import main
-    from simulations import federated
+    from edfed.cli.main import main
+    from edfed.simulations import federated
 
     def fake_simulate(run_config, n_sites, quiet=False, verbose=False):
         Path(run_config["run-dir"]).mkdir(parents=True)  # as the real federation's run folder does
         cohort = load_cohort(signal_cohort, int(run_config["seed"]))
         test = cohort[cohort["split"] == "test"]
         labels = test[list(OUTCOMES)].to_numpy(float)
-        from common.evaluation import oracle_risks
-        from common.metrics import evaluate
+        from edfed.common.evaluation import oracle_risks
+        from edfed.common.metrics import evaluate
 
         oracle = oracle_risks(signal_cohort, test)
         per_site = {s: evaluate(labels[(test["site"] == s).to_numpy()], oracle[(test["site"] == s).to_numpy()], 0)

@@ -27,9 +27,9 @@ import pytest
 from safetensors.torch import load_file
 from test_deployment import BIN, REPO, Processes, _free_port, _wait_for
 
-from cli.main import main as edfed
-from client.runner import proc_hides_processes
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main as edfed
+from edfed.client.runner import proc_hides_processes
+from edfed.simulations.cohort import generate_cohort
 
 SITES = range(1, 7)
 NGINX = Path("/usr/sbin/nginx")

@@ -18,17 +18,17 @@ from sklearn.preprocessing import StandardScaler
 from test_own_data import MAPPING_TOML, hospital_export
 
 import edfed
-from cli import main as cli
-from client.model_folder import RISK_COLUMNS, platt_parameters, save_deployed_model
-from common.config import train_config_from
-from common.contract import OUTCOMES, load_site
-from common.data import VisitDataset
-from common.errors import EdfedError
-from common.exchange import encoder_fingerprint
-from common.features import load_tokenizer
-from common.model import build_model
-from common.peers import fit_peers
-from common.train import predict
+from edfed.cli import main as cli
+from edfed.client.model_folder import RISK_COLUMNS, platt_parameters, save_deployed_model
+from edfed.common.config import train_config_from
+from edfed.common.contract import OUTCOMES, load_site
+from edfed.common.data import VisitDataset
+from edfed.common.errors import EdfedError
+from edfed.common.exchange import encoder_fingerprint
+from edfed.common.features import load_tokenizer
+from edfed.common.model import build_model
+from edfed.common.peers import fit_peers
+from edfed.common.train import predict
 
 N = 80
 
@@ -270,7 +270,7 @@ def test_predict_on_cuda_without_a_gpu_exits_2_and_writes_nothing(site, tmp_path
 
 def test_the_sites_own_stack_predicts_as_at_the_site(site, tmp_path):
     """client.local_models' stack of the global model with the regressions, saved and read back: its risks."""
-    from client.local_models import _GlobalStack
+    from edfed.client.local_models import _GlobalStack
 
     stack = _GlobalStack.fit(site["peers"], site["global_train"], site["train"])
     folder = save_deployed_model(tmp_path / "model", site="site-4", run_config=site["run_config"],

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from simulations.federated import _follow_first_round, _time_left, next_steps
+from edfed.simulations.federated import _follow_first_round, _time_left, next_steps
 
 
 def _message(kind: str, node: int, site: str | None = None):
@@ -61,7 +61,7 @@ def test_the_end_names_the_next_commands():
 
 
 def test_a_log_file_gets_no_bar_frame(capsys):
-    from common.display import progress_bar
+    from edfed.common.display import progress_bar
 
     with progress_bar() as progress:  # pytest's captured stdout is not a terminal, as a log file is not
         task = progress.add_task("federated rounds", total=2, status="")

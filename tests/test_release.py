@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main
-from common.errors import EdfedError
-from common.proxy import FLEET_PATHS, write_proxy_config
-from common.release import (
+from edfed.cli.main import main
+from edfed.common.errors import EdfedError
+from edfed.common.proxy import FLEET_PATHS, write_proxy_config
+from edfed.common.release import (
     TASK_COMMANDS,
     consortium_key,
     load_trust,
@@ -135,7 +135,7 @@ def test_the_release_check_sits_before_flower_installs_or_imports_the_fab():
 def test_the_runner_refuses_on_another_flower_version(monkeypatch, tmp_path):
     import flwr.supercore.version
 
-    from client import runner
+    from edfed.client import runner
 
     monkeypatch.setattr(flwr.supercore.version, "package_version", "1.43.0")
     with pytest.raises(SystemExit, match="written for flwr 1.42.0"):
@@ -146,7 +146,7 @@ def test_proxy_forwards_exactly_the_fleet_api_of_the_installed_flower(tmp_path):
     from flwr.superlink.routers.fleet.router import router
 
     assert set(FLEET_PATHS) == {route.path for route in router.routes}
-    from common.credentials import init_coordinator
+    from edfed.common.credentials import init_coordinator
 
     init_coordinator(tmp_path / "creds", ["localhost", "127.0.0.1"])
     creds = tmp_path / "creds"
@@ -173,7 +173,7 @@ def test_other_task_types_are_finished_failed_without_running_anything(monkeypat
     import flwr.supercore.runtime
     from flwr.common.constant import SubStatus
 
-    from client import runner
+    from edfed.client import runner
 
     runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     calls: list[tuple] = []

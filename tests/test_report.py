@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from cli.main import main
-from common.audit import audit_run
-from common.contract import OUTCOMES
-from common.report import SUPPRESSED, small_cell
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main
+from edfed.common.audit import audit_run
+from edfed.common.contract import OUTCOMES
+from edfed.common.report import SUPPRESSED, small_cell
+from edfed.simulations.cohort import generate_cohort
 
 
 def _metrics(auroc: float, n: int, events: int) -> dict:

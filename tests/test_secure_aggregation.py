@@ -22,19 +22,19 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-import client.client_app as client_module
-import server.secure as secure_module
-from client.client_app import app as client_app
-from client.site import SiteSettings, secure_contribution
-from common.config import TrainConfig
-from common.credentials import site_key
-from common.errors import EdfedError
-from common.model import build_model
-from common.privacy import PrivacyLedger, epsilon_of
-from common.report import _privacy as privacy_section
-from common.signing import ENVELOPE, coordinator_key
-from server.federation import run_federation
-from simulations.cohort import generate_cohort
+import edfed.client.client_app as client_module
+import edfed.server.secure as secure_module
+from edfed.client.client_app import app as client_app
+from edfed.client.site import SiteSettings, secure_contribution
+from edfed.common.config import TrainConfig
+from edfed.common.credentials import site_key
+from edfed.common.errors import EdfedError
+from edfed.common.model import build_model
+from edfed.common.privacy import PrivacyLedger, epsilon_of
+from edfed.common.report import _privacy as privacy_section
+from edfed.common.signing import ENVELOPE, coordinator_key
+from edfed.server.federation import run_federation
+from edfed.simulations.cohort import generate_cohort
 
 RUN = 5
 SITES = 3

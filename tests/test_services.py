@@ -26,15 +26,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cli.main import main as edfed
-from client.service import SITE_KEYS, load_site_config, site_children
-from common import supervisor
-from common.credentials import init_coordinator, site_key
-from common.privacy import PrivacyLedger
-from common.release import consortium_key, public_key_id, write_site_runner
-from common.signing import coordinator_key
-from server.service import COORDINATOR_KEYS, coordinator_children, load_coordinator_config
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main as edfed
+from edfed.client.service import SITE_KEYS, load_site_config, site_children
+from edfed.common import supervisor
+from edfed.common.credentials import init_coordinator, site_key
+from edfed.common.privacy import PrivacyLedger
+from edfed.common.release import consortium_key, public_key_id, write_site_runner
+from edfed.common.signing import coordinator_key
+from edfed.server.service import COORDINATOR_KEYS, coordinator_children, load_coordinator_config
+from edfed.simulations.cohort import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_proxy_config_refuses_a_certificate_without_the_name_nginx_checks(partie
 _SUPERVISED = """
 import sys, time
 from pathlib import Path
-from common.supervisor import Child, Supervisor, child_env
+from edfed.common.supervisor import Child, Supervisor, child_env
 
 state = Path(sys.argv[1])
 py = sys.executable

@@ -21,14 +21,14 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from cli.main import main as edfed
-from client.client_app import app as client_app
-from client.instructions import guard_for
-from client.runner import proc_hides_processes
-from common.config import TrainConfig
-from common.credentials import site_key
-from common.errors import EdfedError
-from common.signing import (
+from edfed.cli.main import main as edfed
+from edfed.client.client_app import app as client_app
+from edfed.client.instructions import guard_for
+from edfed.client.runner import proc_hides_processes
+from edfed.common.config import TrainConfig
+from edfed.common.credentials import site_key
+from edfed.common.errors import EdfedError
+from edfed.common.signing import (
     ENVELOPE,
     coordinator_key,
     key_id,
@@ -40,8 +40,8 @@ from common.signing import (
     sign_reply,
     verify_instruction,
 )
-from server.federation import run_federation
-from simulations.cohort import generate_cohort
+from edfed.server.federation import run_federation
+from edfed.simulations.cohort import generate_cohort
 
 NODE, OTHER, RUN = 7, 8, 5
 
@@ -267,7 +267,7 @@ def test_the_site_runner_lists_the_coordinator_key_and_checks_that_proc_hides_th
 def test_a_refusal_the_superlink_makes_for_an_offline_node_names_that_node_not_node_1(keys, tmp_path):
     from flwr.app import Error
 
-    from server.federation import check_sites
+    from edfed.server.federation import check_sites
 
     class OfflineGrid(AnsweringGrid):
         def send_and_receive(self, messages, *, timeout=None):

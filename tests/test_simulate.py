@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cli.main import main
-from simulations.cohort import generate_cohort
+from edfed.cli.main import main
+from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.mark.slow

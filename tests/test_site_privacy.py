@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation import UNSIGNED, InProcessGrid, _run_config
 
-from client.client_app import _site_and_config
-from client.client_app import app as client_app
-from client.site import (
+from edfed.client.client_app import _site_and_config
+from edfed.client.client_app import app as client_app
+from edfed.client.site import (
     REFUSED_REPEAT,
     SiteSettings,
     build_model,
@@ -32,13 +32,13 @@ from client.site import (
     settings_from_configs,
     train_round,
 )
-from common.config import TrainConfig
-from common.data import VisitDataset
-from common.errors import EdfedError
-from common.privacy import PrivacyLedger, make_private, seeded_gaussian
-from common.train import make_optimizer
-from server.federation import run_federation
-from simulations.cohort import generate_cohort
+from edfed.common.config import TrainConfig
+from edfed.common.data import VisitDataset
+from edfed.common.errors import EdfedError
+from edfed.common.privacy import PrivacyLedger, make_private, seeded_gaussian
+from edfed.common.train import make_optimizer
+from edfed.server.federation import run_federation
+from edfed.simulations.cohort import generate_cohort
 
 C = 1e-3  # small enough that every unit's gradient is clipped
 
@@ -321,7 +321,7 @@ def test_the_dp_seed_depends_on_nothing_the_server_sends(cohort, tmp_path, tiny_
 
 
 def test_contract_errors_reach_the_coordinator_without_identifiers_or_values(cohort, tmp_path, tiny_encoder):
-    from common.contract import load_site
+    from edfed.common.contract import load_site
 
     data = tmp_path / "sites"
     data.mkdir()
@@ -401,7 +401,7 @@ def test_nan_global_arrays_are_refused_before_any_budget_is_spent(cohort, tmp_pa
 
 
 def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_path, tiny_encoder):
-    from server.run_folder import RunFolder
+    from edfed.server.run_folder import RunFolder
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
@@ -430,11 +430,11 @@ def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_p
 
 
 def test_edfeds_entry_points_turn_flower_telemetry_off(monkeypatch, tmp_path):
-    import client.client_app
-    import server.server_app
-    from cli.main import main
+    import edfed.client.client_app
+    import edfed.server.server_app
+    from edfed.cli.main import main
 
-    for module in (client.client_app, server.server_app):
+    for module in (edfed.client.client_app, edfed.server.server_app):
         monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
         importlib.reload(module)
         assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"

@@ -12,11 +12,11 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation import InProcessGrid, _sim_nodes
 
-from cli.main import main
-from common.errors import EdfedError
-from common.privacy import PrivacyLedger
-from simulations.cohort import generate_cohort
-from simulations.sweep import parse_epsilons
+from edfed.cli.main import main
+from edfed.common.errors import EdfedError
+from edfed.common.privacy import PrivacyLedger
+from edfed.simulations.cohort import generate_cohort
+from edfed.simulations.sweep import parse_epsilons
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def fast_enough(monkeypatch):
     process, also under Ray), and one torch thread for tiny tensors on shared cores."""
     import torch
 
-    import common.metrics
+    import edfed.common.metrics
 
-    original = common.metrics.outcome_metrics
-    monkeypatch.setattr(common.metrics, "outcome_metrics", lambda y, p, bootstrap=200, seed=0, oracle=None:
+    original = edfed.common.metrics.outcome_metrics
+    monkeypatch.setattr(edfed.common.metrics, "outcome_metrics", lambda y, p, bootstrap=200, seed=0, oracle=None:
                         original(y, p, min(bootstrap, 20), seed, oracle))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -49,8 +49,8 @@ def _argv(cohort: Path, out: Path, encoder: Path, epsilons: str = "2,inf", *extr
 
 
 def _in_process(calls: list, crash: bool = False):
-    """Stand-in for `simulations.federated.simulate`: the same federation, messages passed in-process."""
-    from server.federation import run_federation
+    """Stand-in for `edfed.simulations.federated.simulate`: the same federation, messages passed in-process."""
+    from edfed.server.federation import run_federation
 
     def simulate(run_config: dict, n_sites: int, quiet: bool = False, verbose: bool = False) -> dict:
         calls.append((float(run_config["epsilon"]), int(run_config["seed"])))
@@ -73,7 +73,7 @@ def _mtimes(out: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(cohort, tmp_path, tiny_encoder,
                                                                             monkeypatch):
-    import simulations.federated
+    import edfed.simulations.federated
 
     out = tmp_path / "sweep"
     assert main(_argv(cohort, out, tiny_encoder)) == 0  # through Flower's simulation engine (Ray)
@@ -113,7 +113,7 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
 
     before = _mtimes(out)
     calls: list = []
-    monkeypatch.setattr(simulations.federated, "simulate", _in_process(calls))
+    monkeypatch.setattr(edfed.simulations.federated, "simulate", _in_process(calls))
     assert main(_argv(cohort, out, tiny_encoder)) == 0
     assert calls == [] and _mtimes(out) == before  # nothing re-run, not even an audit or a local-only model
 
@@ -128,18 +128,18 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
 
 
 def test_half_finished_point_restarts_from_scratch_with_a_fresh_ledger(cohort, tmp_path, tiny_encoder, monkeypatch):
-    import simulations.federated
+    import edfed.simulations.federated
 
     out, calls = tmp_path / "sweep", []
     point = out / "eps-1" / "seed-0"
-    monkeypatch.setattr(simulations.federated, "simulate", _in_process(calls, crash=True))
+    monkeypatch.setattr(edfed.simulations.federated, "simulate", _in_process(calls, crash=True))
     with pytest.raises(RuntimeError, match="crashed"):
         main(_argv(cohort, out, tiny_encoder, "1"))
     crashed_run = json.loads((point / "run.json").read_text())["run-id"]
     assert (point / "checkpoints" / "round-1.safetensors").exists() and not (point / "summary.json").exists()
     assert PrivacyLedger.open(point / "ledgers" / "site-1.json").spent(1e-5) > 0  # the crashed run spent budget
 
-    monkeypatch.setattr(simulations.federated, "simulate", _in_process(calls))
+    monkeypatch.setattr(edfed.simulations.federated, "simulate", _in_process(calls))
     assert main(_argv(cohort, out, tiny_encoder, "1")) == 0
     assert calls == [(1.0, 0), (1.0, 0)]
     summary = json.loads((point / "summary.json").read_text())

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cli import main as cli
-from simulations.tracking import run_metrics
+from edfed.cli import main as cli
+from edfed.simulations.tracking import run_metrics
 
 OUTCOMES = ("mortality_30d", "safe_discharge", "readmission_30d")
 
