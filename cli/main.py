@@ -94,7 +94,8 @@ def _delta(text: str) -> float:
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
-                   help="folder with site-K.parquet|csv files; a folder that does not exist is an error, except this "
+                   help="folder with site-K.parquet|csv files, or a site list (sites.toml: each site's file and "
+                        "mapping, docs/data-contract.md); a folder that does not exist is an error, except this "
                         "default, where the simulated cohort is generated (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--model", type=Path, default=None,
@@ -387,7 +388,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from edfed.simulations.central import run_central
         from edfed.simulations.cohort import ensure_cohort
 
-        ensure_cohort(args.data)
+        args.data = ensure_cohort(args.data)
         run_central(args)
     elif args.command == "ledger":
         from edfed.common.privacy import PrivacyLedger

@@ -429,11 +429,12 @@ def _check_columns(pairs: dict, label: str) -> None:
         raise EdfedError(f"{label}: several site columns map to {', '.join(map(repr, doubled))}.")
 
 
-def _apply_mapping(raw: pd.DataFrame, spec: SiteMapping, path: Path) -> pd.DataFrame:
+def _apply_mapping(raw: pd.DataFrame, spec: SiteMapping, path: Path, labels: bool = True) -> pd.DataFrame:
     pairs, label = spec.columns, spec.label
     if pairs:
         present = set(raw.columns)
-        absent = [k for k in pairs if k not in present]
+        # visits to predict have no outcomes yet: the site's one mapping still names its outcome columns
+        absent = [k for k in pairs if k not in present and (labels or pairs[k] not in OUTCOMES)]
         if absent:
             backwards = [k for k in absent if k in CONTRACT_COLUMNS and pairs[k] in present]
             hint = (" It looks reversed: each entry is site column -> contract column, "
@@ -776,7 +777,7 @@ def load_site(path: Path | str | pd.DataFrame, mapping: Path | str | dict | Site
             raise EdfedError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, cp1252, utf-16).") from None
     raw, decoded = (table.copy(), None) if table is not None else _read_raw(path, encoding or spec.encoding)
     raw.columns = [str(c).strip().lstrip("\ufeff") for c in raw.columns]
-    raw = _apply_mapping(raw, spec, path)
+    raw = _apply_mapping(raw, spec, path, labels)
     renamed = {v: k for k, v in spec.columns.items() if k != v}
     converted = {spec.columns.get(c, c): rows for c, rows in decoded.converted.items()} if decoded else {}
     clean = _validate(raw, path, renamed, spec, converted, labels)

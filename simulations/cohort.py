@@ -1149,15 +1149,83 @@ def generate_cohort(out: Path, n_sites: int = 6, visits_per_site: int | None = N
     return out
 
 
+SITE_LIST_KEYS = ("file", "mapping", "encoding")
+_SITE_NAME = re.compile(r"^site-[1-9][0-9]*$")
+
+
+def checked_site_folder(site_list: Path) -> Path:
+    """The folder of contract tables for a site list (`--data sites.toml`; docs/data-contract.md):
+
+        [site-1]
+        file = "exports/karolinska.csv"     # relative to the TOML file
+        mapping = "exports/karolinska.toml" # optional: renames, recodings, date format, encoding
+        encoding = "cp1252"                 # optional: over the mapping's and detection
+
+    Every site is read through its mapping and checked against the contract before anything is written; then
+    each is written, as the contract names it, to `<list>.checked/site-K.parquet` beside the list (owner-only).
+    A table whose contents did not change keeps its file, so the sites' caches stay valid across runs."""
+    import tomllib
+
+    from edfed.common.contract import CONTRACT_COLUMNS, load_site
+    from edfed.common.files import atomic_write, private_dir
+
+    site_list = Path(site_list)
+    try:
+        entries = tomllib.loads(site_list.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise EdfedError(f"--data {site_list}: cannot read the site list: {exc}") from None
+    problems = []
+    for name, entry in entries.items():
+        if not _SITE_NAME.match(name):
+            problems.append(f"[{name}]: a site is named site-K (site-1, site-2, ...)")
+        elif not isinstance(entry, dict) or "file" not in entry:
+            problems.append(f"[{name}]: needs file = \"PATH\" (its table)")
+        elif (unknown := sorted(set(entry) - set(SITE_LIST_KEYS))):
+            problems.append(f"[{name}]: unknown key(s) {', '.join(unknown)} (known: {', '.join(SITE_LIST_KEYS)})")
+    if not entries:
+        problems.append("no sites: add a [site-1] table with file = \"PATH\"")
+    if problems:
+        raise EdfedError(f"--data {site_list}: " + "; ".join(problems))
+    tables = {}
+    for name, entry in sorted(entries.items(), key=lambda item: int(item[0].split("-")[1])):
+        where = {k: site_list.parent / str(entry[k]) for k in ("file", "mapping") if k in entry}
+        table = load_site(where["file"], mapping=where.get("mapping"), encoding=entry.get("encoding"))
+        for warning in table.attrs.get("warnings", []):
+            print(f"{name} ({where['file']}): {warning}", flush=True)
+        tables[name] = table[list(CONTRACT_COLUMNS)]
+    folder = private_dir(site_list.parent / f"{site_list.stem}.checked")
+    for name, table in tables.items():
+        path = folder / f"{name}.parquet"
+        fresh = pa.Table.from_pandas(table, preserve_index=False)
+        if path.exists():
+            try:
+                if pq.read_table(path).equals(fresh):
+                    continue
+            except (OSError, pa.ArrowInvalid):
+                pass  # unreadable: rewritten below
+        atomic_write(path, lambda tmp, fresh=fresh: pq.write_table(fresh, tmp))
+    for stale in folder.glob("site-*.*"):  # a site taken off the list leaves the federation
+        if stale.stem not in tables:
+            stale.unlink()
+    return folder
+
+
 def ensure_cohort(data_dir: Path, seed: int = 0) -> Path:
-    """`data_dir` itself when it exists; the default simulated cohort generated there when it is the main job's
-    default folder (so the README's first command needs no data of its own); otherwise an `EdfedError`, before
-    anything is written: a mistyped --data must not train on fake data."""
+    """The data folder `--data` names: the folder itself when it exists; a site list's checked tables
+    (`checked_site_folder`); the default simulated cohort generated there when it is the main job's default
+    folder (so the README's first command needs no data of its own); otherwise an `EdfedError`, before anything
+    is written: a mistyped --data must not train on fake data."""
     from edfed.common.config import DEFAULT_DATA_DIR
 
     data_dir = Path(data_dir)
+    if data_dir.suffix == ".toml" and data_dir.is_file():
+        return checked_site_folder(data_dir)
+    if data_dir.is_file():
+        raise EdfedError(f"--data {data_dir}: a file; name a folder of site-K.parquet|csv files or a site list "
+                         "(sites.toml: each site's file and mapping, docs/data-contract.md)")
     if not data_dir.exists() and data_dir.resolve() != DEFAULT_DATA_DIR.resolve():
-        raise EdfedError(f"--data {data_dir}: no such folder. Name the folder that holds site-1.parquet|csv ... "
+        raise EdfedError(f"--data {data_dir}: no such folder. Name the folder that holds site-1.parquet|csv ... or a "
+                         "site list (sites.toml) "
                          f"(only the default {DEFAULT_DATA_DIR} is generated when missing: `edfed cohort generate "
                          f"--out {data_dir}` makes a simulated cohort there on purpose).")
     if not data_dir.exists():

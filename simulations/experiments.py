@@ -625,6 +625,5 @@ def run_experiment_command(args: argparse.Namespace) -> None:
                          f"describes them)")
     from edfed.simulations.cohort import ensure_cohort
 
-    ensure_cohort(args.data)
-    run_experiment(args.name, args.data, args.out, args.model, args.epochs, args.rounds, args.seed, args.epsilon,
-                   args.bootstrap)
+    run_experiment(args.name, ensure_cohort(args.data), args.out, args.model, args.epochs, args.rounds, args.seed,
+                   args.epsilon, args.bootstrap)

@@ -157,12 +157,12 @@ def run_simulate(args: argparse.Namespace) -> dict:
         run_config = {**meta["config"], "resume": True, "run-dir": str(args.resume.resolve())}
         data_dir = Path(str(run_config["data-dir"]))
     else:
-        data_dir = args.data
-        if not data_dir.exists():
-            from edfed.simulations.cohort import ensure_cohort
+        from edfed.simulations.cohort import ensure_cohort
 
-            with phases("cohort"):
-                ensure_cohort(data_dir, seed=args.seed or 0)
+        data_dir = args.data
+        if not data_dir.is_dir():  # the default cohort generated, or a site list's tables checked
+            with phases("cohort" if not data_dir.exists() else "site list"):
+                data_dir = ensure_cohort(data_dir, seed=args.seed or 0)
         run_config = run_config_from_args(args)
         out = args.out or Path("runs") / f"federated-{datetime.now():%Y%m%d-%H%M%S}"
         run_config.update({"data-dir": str(data_dir.resolve()), "run-dir": str(out.resolve())})

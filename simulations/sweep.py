@@ -279,10 +279,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
         raise EdfedError(f"--seeds must be at least 1, got {args.seeds}")
     first_seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
     seeds = [first_seed + k for k in range(args.seeds)]
-    data_dir = args.data.resolve()
     from edfed.simulations.cohort import ensure_cohort
 
-    ensure_cohort(data_dir, seed=first_seed)
+    data_dir = ensure_cohort(args.data, seed=first_seed).resolve()
     load_cohort(data_dir, first_seed)  # every site passes the contract before anything runs
     if args.audit_site not in site_files(data_dir):
         raise EdfedError(f"--audit-site {args.audit_site}: no such site in {data_dir} "

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_contract import SECRET, make_site
 
+import edfed
 from edfed.cli import main as cli
-from edfed.common.contract import load_site
+from edfed.client.model_folder import RISK_COLUMNS
+from edfed.common.contract import OUTCOMES, load_site
 from edfed.common.errors import EdfedError
+from edfed.simulations.cohort import checked_site_folder, generate_cohort
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # what a hospital's export calls the contract's columns
 LOCAL_NAMES = {"visit_id": "VISIT_NO", "patient_id": "PAT_ID", "arrival_date": "ARRIVAL", "age": "AGE_YEARS",
@@ -48,12 +56,17 @@ def hospital_export(n: int = 40) -> tuple[pd.DataFrame, pd.DataFrame]:
     accented notes)."""
     site = make_site(n)
     site["note_physician"] = [f"{NOTE.replace('₂', '2')} {SECRET} #{i}" for i in range(n)]  # cp1252 has no ₂
+    return site, as_export(site)
+
+
+def as_export(site: pd.DataFrame) -> pd.DataFrame:
+    """A contract table as the hospital of MAPPING_TOML exports it."""
     local = site.copy()
     local["sex"] = local["sex"].map({"female": "F", "male": "M"})
     for col in ("mortality_30d", "safe_discharge", "readmission_30d"):
         local[col] = local[col].map({1.0: "yes", 0.0: "no"})  # an empty readmission stays empty
     local["arrival_date"] = pd.to_datetime(local["arrival_date"]).dt.strftime("%Y-%m-%d %H:%M:%S")
-    return site, local.rename(columns=LOCAL_NAMES)
+    return local.rename(columns=LOCAL_NAMES)
 
 
 def test_hospital_export_in_cp1252_keeps_every_note(tmp_path, capsys):
@@ -195,3 +208,117 @@ def test_recodings_leave_parquet_numbers_and_bools_alone(tmp_path):
     assert df["diabetes"].tolist() == site["diabetes"].tolist()
     assert df["age"].tolist() == site["age"].tolist()
     assert df["mortality_30d"].tolist() == site["mortality_30d"].tolist()
+
+
+def _site_list(tmp_path: Path, sites: dict[int, str]) -> Path:
+    """Hospital-style cp1252 exports of a small simulated cohort (accented notes), one mapping, and their list."""
+    cohort = generate_cohort(tmp_path / "cohort", n_sites=len(sites), visits_per_site=200, seed=3)
+    (tmp_path / "my_mapping.toml").write_text(MAPPING_TOML)
+    entries = []
+    for k, name in sites.items():
+        site = pd.read_parquet(cohort / f"site-{k}.parquet")
+        site["note_physician"] = site["note_physician"] + " – réévalué, févrile"
+        as_export(site).to_csv(tmp_path / name, index=False, encoding="cp1252")
+        entries.append(f'[site-{k}]\nfile = "{name}"\nmapping = "my_mapping.toml"\n')
+    (tmp_path / "my_sites.toml").write_text("\n".join(entries))
+    return tmp_path / "my_sites.toml"
+
+
+def test_a_site_list_becomes_checked_contract_tables_without_losing_a_note(tmp_path):
+    site_list = _site_list(tmp_path, {1: "my_site.csv", 2: "other.csv"})
+    folder = checked_site_folder(site_list)
+    assert folder == tmp_path / "my_sites.checked" and sorted(p.name for p in folder.iterdir()) == [
+        "site-1.parquet", "site-2.parquet"]
+    assert (folder.stat().st_mode & 0o077) == 0
+    checked = pd.read_parquet(folder / "site-1.parquet")
+    assert checked["note_physician"].str.endswith(" – réévalué, févrile").all()
+    assert set(checked["sex"]) <= {"female", "male"} and set(checked["mortality_30d"].dropna()) <= {0, 1}
+
+    # Unchanged tables keep their files (the sites' caches key on them); a site taken off the list is gone.
+    before = (folder / "site-1.parquet").stat().st_mtime_ns
+    site_list.write_text(site_list.read_text().split("[site-2]")[0])
+    checked_site_folder(site_list)
+    assert (folder / "site-1.parquet").stat().st_mtime_ns == before
+    assert not (folder / "site-2.parquet").exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    ('[hospital-a]\nfile = "my_site.csv"\n', "[hospital-a]: a site is named site-K"),
+    ('[site-1]\nmapping = "my_mapping.toml"\n', '[site-1]: needs file = "PATH"'),
+    ('[site-1]\nfile = "my_site.csv"\nmaping = "x"\n', "unknown key(s) maping"),
+    ("", "no sites"),
+    ("[site-1\n", "cannot read the site list"),
+])
+def test_a_bad_site_list_is_refused_by_name_with_nothing_written(tmp_path, text, says):
+    site_list = tmp_path / "sites.toml"
+    site_list.write_text(text)
+    with pytest.raises(EdfedError) as info:
+        checked_site_folder(site_list)
+    assert says in str(info.value) and str(site_list) in str(info.value)
+    assert not (tmp_path / "sites.checked").exists()
+
+
+def test_a_site_list_with_a_bad_table_names_the_file_and_writes_nothing(tmp_path):
+    site_list = _site_list(tmp_path, {1: "my_site.csv", 2: "other.csv"})
+    export = pd.read_csv(tmp_path / "other.csv", encoding="cp1252")
+    export.loc[3, "GENDER"] = "X"
+    export.to_csv(tmp_path / "other.csv", index=False, encoding="cp1252")
+    with pytest.raises(EdfedError) as info:
+        checked_site_folder(site_list)
+    assert "other.csv" in str(info.value) and "sex" in str(info.value)
+    assert not (tmp_path / "my_sites.checked").exists()
+
+
+def _readme_block(section: str) -> list[list[str]]:
+    text = README.read_text()
+    part = text[text.index(f"## {section}"):]
+    start = part.index("```bash\n") + len("```bash\n")
+    return [shlex.split(line, comments=True) for line in part[start:part.index("```", start)].splitlines()
+            if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_readme_own_data_commands_run_as_written_from_export_to_risks(tmp_path, tiny_encoder, monkeypatch):
+    """The README's "Your own data" block, each line as written, on hospital-style cp1252 exports of three sites
+    (local column names, F/M, yes/no, timestamps): only sizing flags are added (the tiny encoder, one round)."""
+    _site_list(tmp_path, {1: "my_site.csv", 2: "st_erik.csv", 3: "south.csv"})
+    visits = pd.read_parquet(tmp_path / "cohort" / "site-3.parquet").head(40)
+    visits["note_physician"] = visits["note_physician"] + " – réévalué"
+    as_export(visits).drop(columns=["DEATH30", "SAFE_DC", "READMIT30"]).to_csv(
+        tmp_path / "new_visits.csv", index=False, encoding="cp1252")
+    monkeypatch.chdir(tmp_path)
+    sizing = {"simulate": ["--model", str(tiny_encoder), "--rounds", "1", "--lora-layers", "1"],
+              "personalize": ["--model", str(tiny_encoder)], "predict": ["--model", str(tiny_encoder)]}
+
+    commands = _readme_block("Your own data")
+    assert [c[:2] for c in commands] == [["edfed", "data"], ["edfed", "simulate"], ["edfed", "personalize"],
+                                         ["edfed", "predict"], ["edfed", "report"]]
+    for command in commands:
+        assert cli.main([*command[1:], *sizing.get(command[1], [])]) == 0, command
+
+    # The simulated federation trained on the mapped tables, every note whole.
+    summary = json.loads(Path("run/summary.json").read_text())
+    assert Path(summary["config"]["data-dir"]) == tmp_path / "my_sites.checked"
+    notes = pd.read_parquet("my_sites.checked/site-1.parquet")["note_physician"]
+    assert notes.str.endswith(" – réévalué, févrile").all()
+    # What predict wrote is what the Python API returns, visit by visit.
+    written = pd.read_csv("risks.csv", dtype={"visit_id": str})
+    model = edfed.load_model("mine/my_site/model", encoder=tiny_encoder)
+    expected = model.predict_proba(edfed.read_table("new_visits.csv", mapping="my_mapping.toml"))
+    assert written["visit_id"].tolist() == visits["visit_id"].astype(str).tolist() == expected["visit_id"].tolist()
+    np.testing.assert_allclose(written[list(RISK_COLUMNS)].to_numpy(), expected[list(RISK_COLUMNS)].to_numpy(),
+                               rtol=1e-9, atol=1e-12)
+    risks = written[list(RISK_COLUMNS)].to_numpy()
+    assert risks.shape == (40, len(OUTCOMES)) and ((risks > 0) & (risks < 1)).all()
+    assert Path("mine/report.md").exists() and os.path.getsize("mine/report.md") > 0
+
+
+def test_visits_to_predict_use_the_sites_one_mapping_though_they_have_no_outcomes_yet(tmp_path):
+    site, local = hospital_export()
+    path = tmp_path / "new_visits.csv"
+    local.drop(columns=["DEATH30", "SAFE_DC", "READMIT30"]).to_csv(path, index=False, encoding="cp1252")
+    (tmp_path / "mapping.toml").write_text(MAPPING_TOML)
+    visits = load_site(path, mapping=tmp_path / "mapping.toml", labels=False)
+    assert visits["visit_id"].tolist() == site["visit_id"].tolist() and visits["mortality_30d"].isna().all()
+    with pytest.raises(EdfedError, match="'DEATH30', 'SAFE_DC', 'READMIT30'"):
+        load_site(path, mapping=tmp_path / "mapping.toml")  # training data needs them
