@@ -196,7 +196,7 @@ def predict(model: OutcomeModel, dataset: VisitDataset, batch_size: int = 128) -
 def make_optimizer(model: OutcomeModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over what trains. The lexical path steps LEXICAL_LR_SCALE times larger: a linear model on sparse
     unit-norm n-gram vectors, each weight seeing only the few visits that use its n-gram, is far from fitted after
-    the epochs that fit the dense layers (4 epochs at 1e-3: readmission AUROC 0.665 alone, at 1e-2: 0.713)."""
+    the epochs that fit the dense layers (the lexical path's learning rates: docs/results.md)."""
     lexical = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lexical.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lexical.")]
     groups = [{"params": rest}] + ([{"params": lexical, "lr": lr * LEXICAL_LR_SCALE}] if lexical else [])

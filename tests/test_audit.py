@@ -84,6 +84,7 @@ def test_attack_balances_the_sets_and_reads_the_roc_curve():
         membership_attack(np.ones(3), np.ones(30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["full", "compact", "glm"])
 def test_audit_run_finds_the_checkpoint_and_the_peft_adapter(cohort, tmp_path, tiny_encoder, architecture):
     from edfed.server.run_folder import RunFolder

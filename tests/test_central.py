@@ -21,6 +21,7 @@ def cohort(tmp_path_factory) -> Path:
     return generate_cohort(tmp_path_factory.mktemp("central") / "cohort", visits_per_site=100, seed=1)
 
 
+@pytest.mark.slow
 def test_central_training_writes_the_interface_summary(cohort, tmp_path, tiny_encoder):
     out = tmp_path / "run"
     assert main(["train", "central", "--data", str(cohort), "--model", str(tiny_encoder), "--out", str(out),

@@ -37,7 +37,8 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 for word in words:
                     if (m := re.fullmatch(r"([A-Z_]+)=(\S*)", word)):
                         variables[m[1]] = m[2]
-                words = [re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: variables.get(m[1], "/x"), w) for w in words]
+                expand = lambda m, known=variables: known.get(m[1], "/x")  # noqa: E731
+                words = [re.sub(r"\$\{?([A-Z_]+)\}?", expand, w) for w in words]
                 command: list[str] = []
                 skip = False
                 for word in [*words, "&&"]:

@@ -104,6 +104,7 @@ def _outcome(data: Path, ledger: Path, config: TrainConfig, state: dict[str, tor
     return "finite" if all(torch.isfinite(v).all() for v in released.values()) else "NOT FINITE"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["glm", "compact"])
 def test_a_malicious_global_model_gets_the_same_behaviour_and_finite_arrays_with_or_without_a_patient(
         with_and_without, tmp_path, tiny_encoder, architecture):

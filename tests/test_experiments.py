@@ -44,6 +44,7 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe equality
 
 
+@pytest.mark.slow
 def test_modality_results_hold_every_arm_with_its_own_summary_values(modality_run):
     results = json.loads((modality_run / "results.json").read_text())
     table = (modality_run / "results.md").read_text()
@@ -71,6 +72,7 @@ def test_modality_results_hold_every_arm_with_its_own_summary_values(modality_ru
     assert (modality_run / "auroc.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_second_invocation_reruns_only_the_unfinished_arm(modality_run, cohort, tiny_encoder, tmp_path,
                                                             monkeypatch, capsys):
     out = tmp_path / "experiment"
@@ -92,6 +94,7 @@ def test_a_second_invocation_reruns_only_the_unfinished_arm(modality_run, cohort
     assert "epochs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_subgroups_from_a_finished_arm_partition_the_test_split(modality_run, cohort, tiny_encoder, tmp_path,
                                                                 monkeypatch):
     out = tmp_path / "subgroups"

@@ -27,7 +27,6 @@ from edfed.common.errors import EdfedError
 from edfed.common.privacy import PrivacyLedger, epsilon_of
 from edfed.server.federation import run_federation
 from edfed.server.strategy import CheckedFedAvg
-from edfed.simulations.cohort import generate_cohort
 
 
 @pytest.fixture(autouse=True)
@@ -78,11 +77,6 @@ class InProcessGrid(Grid):
         return replies
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    return generate_cohort(tmp_path_factory.mktemp("fed") / "cohort", visits_per_site=120, seed=3)
-
-
 def _sim_nodes(n: int = 6) -> dict[int, dict]:
     return {100 + k: {"partition-id": k, "num-partitions": n} for k in range(n)}
 
@@ -92,6 +86,7 @@ def _run_config(cohort: Path, run_dir: Path, tiny_encoder: Path, **overrides) ->
             "epsilon": math.inf, "lr": 0.01, "lora-layers": 1, "num-sites": 6, "min-sites": 2, **overrides}
 
 
+@pytest.mark.slow
 def test_two_round_federation_improves_on_round_zero(cohort, tmp_path, tiny_encoder):
     grid = InProcessGrid(_sim_nodes())
     summary = run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, **{"local-epochs": 2}),
@@ -106,6 +101,7 @@ def test_two_round_federation_improves_on_round_zero(cohort, tmp_path, tiny_enco
     assert (tmp_path / "run" / "roc.png").exists()
 
 
+@pytest.mark.slow
 def test_client_reply_holds_only_trainable_arrays_and_scalars(cohort, tmp_path, tiny_encoder):
     grid = InProcessGrid(_sim_nodes())
     run_federation(grid, _run_config(cohort, tmp_path / "run", tiny_encoder, **{"num-server-rounds": 1}),
@@ -146,6 +142,7 @@ def test_site_refuses_a_round_that_would_pass_its_budget(cohort, tmp_path, tiny_
     assert PrivacyLedger.open(settings.ledger_path).spent(1e-5) == 0.0
 
 
+@pytest.mark.slow
 def test_ledger_persists_across_runs_and_epsilon_accumulates(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = _settings(cohort, tmp_path, epsilon=4.0)
@@ -166,6 +163,7 @@ def test_ledger_persists_across_runs_and_epsilon_accumulates(cohort, tmp_path, t
     assert state is None and third["refused"] == 1
 
 
+@pytest.mark.slow
 def test_dp_noise_is_each_sites_secret_and_replays_only_from_its_own_seed(cohort, tmp_path, tiny_encoder):
     # Same data, same global state, same round: only the site's DP randomness can make the updates differ.
     # Before the fix every site seeded its noise from the run's seed, so all six added the same noise (it never
@@ -201,6 +199,7 @@ def test_dp_noise_is_each_sites_secret_and_replays_only_from_its_own_seed(cohort
     assert first != dp_rng_seed(seeded, PrivacyLedger.init(tmp_path / "fresh.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [4.0, math.inf])
 def test_a_site_trains_at_dp_lr_with_dp_and_at_lr_without(cohort, tmp_path, tiny_encoder, epsilon):
     # The rate the site must not use is 0: AdamW then changes nothing (weight decay scales with the rate),
@@ -217,6 +216,7 @@ def test_a_site_trains_at_dp_lr_with_dp_and_at_lr_without(cohort, tmp_path, tiny
     assert all(torch.equal(state[n], start[n]) for n in start)
 
 
+@pytest.mark.slow
 def test_reported_epsilon_matches_google_dp_accounting():
     import dp_accounting
 
@@ -231,6 +231,7 @@ def test_reported_epsilon_matches_google_dp_accounting():
         assert ours < rdp.get_epsilon(1e-5)  # the ledger's PLD is tighter than the RDP bound
 
 
+@pytest.mark.slow
 def test_planned_noise_spends_the_budget_over_the_whole_run(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.json")
     noise = ledger.plan_noise("run", budget=8.0, delta=1e-5, sample_rate=1 / 35, total_steps=3 * 35)
@@ -263,6 +264,7 @@ def test_server_rejects_bad_updates_and_aggregates_the_rest():
     assert "NaN" in why["site-2"] and "shape" in why["site-3"] and "keys" in why["site-4"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(cohort, tmp_path, tiny_encoder):
     run_dir = tmp_path / "run"
     config = _run_config(cohort, run_dir, tiny_encoder, **{"num-server-rounds": 1})
@@ -290,6 +292,7 @@ def _deployed_nodes(data_dir: Path, tmp_path: Path, encoder: Path) -> dict[int, 
             for k in range(1, 7)}
 
 
+@pytest.mark.slow
 def test_a_site_that_breaks_the_contract_does_not_join_and_the_run_goes_on(cohort, tmp_path, tiny_encoder):
     data = tmp_path / "sites"
     data.mkdir()
@@ -323,6 +326,7 @@ def test_too_few_sites_passing_the_check_stops_the_run(cohort, tmp_path, tiny_en
         run_federation(InProcessGrid(nodes), _run_config(cohort, tmp_path / "run", tiny_encoder), pooled=False)
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -340,6 +344,7 @@ def test_adapter_loads_with_plain_peft(cohort, tmp_path, tiny_encoder):
         torch.testing.assert_close(value, ours)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
 def test_other_strategies_run_and_frozen_parts_never_travel(cohort, tmp_path, tiny_encoder, strategy):
     grid = InProcessGrid(_sim_nodes())
@@ -476,6 +481,7 @@ def test_architecture_auto_follows_the_runs_privacy_setting():
         train_config_from({**RUN_DEFAULTS, "architecture": "sometimes"})
 
 
+@pytest.mark.slow
 def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_global_model(
         cohort, tmp_path, tiny_encoder, monkeypatch):
     from safetensors.torch import save_file
@@ -541,6 +547,7 @@ def test_each_site_deploys_what_its_validation_split_prefers_starting_from_the_g
     assert history[0]["val_auroc"] == pytest.approx({o: m["auroc"] for o, m in untouched.items()}, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_a_deployed_site_personalizes_from_a_copy_of_the_run_folder(cohort, tmp_path, tiny_encoder, capsys):
     import shutil
 
@@ -597,6 +604,7 @@ class _MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True])
 def test_a_site_without_native_bf16_never_runs_bf16_matmuls(cohort, tmp_path, tiny_encoder, monkeypatch, native):
     """Precision is each machine's own: detected where the model runs, never taken from the server."""
@@ -635,6 +643,7 @@ def test_another_noise_draw_or_seed_gives_every_simulated_site_other_dp_noise(tm
     assert seed(0, 0, run_seed=1) != seed(0, 0) and seed(0, 0, run_seed=1) == seed(0, 0, run_seed=1)
 
 
+@pytest.mark.slow
 def test_a_federation_under_dp_sends_only_the_glm_and_a_site_deploys_from_it(cohort, tmp_path, tiny_encoder,
                                                                               monkeypatch):
     import shutil

@@ -16,12 +16,6 @@ from edfed.common.features import load_tokenizer
 from edfed.common.model import build_model
 from edfed.common.privacy import PrivacyLedger, epsilon_of
 from edfed.common.train import cache_frozen_layers, glm_gradient_sum, glm_rows, glm_step
-from edfed.simulations.cohort import generate_cohort
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return generate_cohort(tmp_path_factory.mktemp("glm") / "cohort", visits_per_site=120, seed=3)
 
 
 def _config(tiny_encoder, **changes) -> TrainConfig:

@@ -41,6 +41,7 @@ def _risky_global(rows: pd.DataFrame, oracle: pd.DataFrame, seed: int) -> np.nda
     return 1 / (1 + np.exp(-logit))
 
 
+@pytest.mark.slow
 def test_the_global_model_stacked_with_the_sites_regressions_beats_the_regressions_alone(site):
     rows, oracle, _ = site
     train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]
@@ -97,6 +98,7 @@ def test_the_blend_of_two_views_beats_either_and_ignores_their_scale():
         assert spearmanr(again[:, k], deployed[:, k]).statistic > 0.9999
 
 
+@pytest.mark.slow
 def test_a_global_model_that_ranks_backwards_is_left_out_of_the_stack(site):
     rows, oracle, _ = site
     train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]

@@ -11,10 +11,13 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERIC = {"common", "client", "server", "cli", "simulations"}
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_only_the_edfed_package_and_imports_from_a_clean_venv(tmp_path: Path) -> None:
     # Built from a copy: setuptools writes build/ into the folder it builds.
     source = tmp_path / "source"

@@ -45,6 +45,7 @@ def _flip_held_out_labels(data_dir, seed: int) -> None:
         table.to_parquet(path, index=False)
 
 
+@pytest.mark.slow
 def test_peers_learn_from_training_rows_only(signal_cohort, tmp_path, monkeypatch):
     fitted = _recording_fits(monkeypatch)
     first = federation_peers(signal_cohort, seed=0, bootstrap=0)
@@ -79,6 +80,7 @@ def test_peers_learn_from_training_rows_only(signal_cohort, tmp_path, monkeypatc
                                                                  & (cohort["split"] == "train")).sum())
 
 
+@pytest.mark.slow
 def test_the_stack_is_at_least_as_good_as_its_worse_input(signal_cohort):
     cohort = load_cohort(signal_cohort, 0)
     result = regression_peers(cohort[cohort["split"] == "train"], cohort[cohort["split"] == "test"], signal_cohort,
@@ -136,6 +138,7 @@ def test_reports_show_the_model_next_to_its_peers(tmp_path):
     assert "0.900" not in report  # site-2's model AUROC sits in suppressed cells only
 
 
+@pytest.mark.slow
 def test_simulate_adds_the_federation_peers_and_reports_them(signal_cohort, tmp_path, monkeypatch, capsys):
     """`edfed simulate` (its federation replaced by a stub that scores like the server) writes and prints peers."""
     from edfed.cli.main import main

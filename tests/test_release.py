@@ -92,6 +92,7 @@ def test_cli_release_errors_exit_2_and_never_print_the_private_key(tmp_path, con
     assert "PRIVATE KEY" not in out.out + out.err and "is not the signed release" in out.err
 
 
+@pytest.mark.slow
 def test_release_build_is_deterministic(tmp_path):
     app = tmp_path / "edfed"
     (app / "client").mkdir(parents=True)

@@ -247,6 +247,7 @@ Supervisor("test", [Child("steady", steady, env), Child("flaky", flaky, env)], s
 """
 
 
+@pytest.mark.slow
 def test_the_supervisor_restarts_a_child_that_exits_and_stops_every_process_on_sigterm(tmp_path):
     import psutil
 
@@ -306,6 +307,7 @@ def test_every_toml_key_is_documented_in_the_runbook():
     assert not missing, f"docs/deployment.md has no table row for: {missing}"
 
 
+@pytest.mark.slow
 def test_a_supervisor_killed_outright_leaves_no_child_behind(tmp_path):
     import psutil
 

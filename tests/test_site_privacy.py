@@ -38,7 +38,6 @@ from edfed.common.errors import EdfedError
 from edfed.common.privacy import PrivacyLedger, make_private, seeded_gaussian
 from edfed.common.train import make_optimizer
 from edfed.server.federation import run_federation
-from edfed.simulations.cohort import generate_cohort
 
 C = 1e-3  # small enough that every unit's gradient is clipped
 
@@ -46,11 +45,6 @@ C = 1e-3  # small enough that every unit's gradient is clipped
 @pytest.fixture(autouse=True)
 def server_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    return generate_cohort(tmp_path_factory.mktemp("privacy") / "cohort", visits_per_site=120, seed=3)
 
 
 # --- 1. patient-level DP ---------------------------------------------------------------------------------
@@ -135,6 +129,7 @@ def test_a_patients_three_visits_move_the_clipped_sum_by_at_most_C(cohort, tiny_
     assert (with_three - without).norm() > 2 * C
 
 
+@pytest.mark.slow
 def test_patient_level_epsilon_matches_google_dp_accounting(cohort, tmp_path, tiny_encoder):
     import dp_accounting
 
@@ -185,6 +180,7 @@ def _site(cohort: Path, tmp_path: Path, tiny_encoder: Path, **extra) -> dict:
             "ledger-path": str(tmp_path / "ledger.json"), "model-path": str(tiny_encoder), **extra}
 
 
+@pytest.mark.slow
 def test_a_train_reply_holds_dp_arrays_the_declared_size_and_dp_parameters_only(cohort, tmp_path, tiny_encoder):
     start = build_model(TrainConfig(model=str(tiny_encoder), lora_layers=1), None).trainable_state()
     reply = _ask(_site(cohort, tmp_path, tiny_encoder), _message("train", tiny_encoder, start))
@@ -250,6 +246,7 @@ def test_the_encoder_is_the_sites_own_never_a_path_the_server_sends(cohort, tmp_
     assert _site_and_config(msg, context(own))[1].model == ""  # the packaged default
 
 
+@pytest.mark.slow
 def test_max_epsilon_per_run_bounds_what_one_run_spends(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     settings = SiteSettings(name="site-1", data_path=cohort / "site-1.parquet", epsilon=8.0, delta=1e-5,
@@ -272,6 +269,7 @@ def _dp_site(cohort: Path, ledger: Path, dp_seed: str | None = None) -> SiteSett
                         ledger_path=ledger, dp_seed=dp_seed)
 
 
+@pytest.mark.slow
 def test_two_concurrent_train_messages_both_record_their_spend(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     start = build_model(config).trainable_state()
@@ -295,6 +293,7 @@ def test_two_concurrent_train_messages_both_record_their_spend(cohort, tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_round_that_already_trained_is_refused(cohort, tmp_path, tiny_encoder):
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
     start = build_model(config).trainable_state()
@@ -306,6 +305,7 @@ def test_a_round_that_already_trained_is_refused(cohort, tmp_path, tiny_encoder)
     assert len(PrivacyLedger.open(settings.ledger_path).history) == 1
 
 
+@pytest.mark.slow
 def test_the_dp_seed_depends_on_nothing_the_server_sends(cohort, tmp_path, tiny_encoder):
     # The same site secret on two fresh ledgers: the server's run id and round number differ, the noise does not.
     config = TrainConfig(model=str(tiny_encoder), lora_layers=1)
@@ -400,6 +400,7 @@ def test_nan_global_arrays_are_refused_before_any_budget_is_spent(cohort, tmp_pa
     assert not (tmp_path / "ledger.json").exists()
 
 
+@pytest.mark.slow
 def test_ledgers_caches_checkpoints_and_run_folders_are_owner_only(cohort, tmp_path, tiny_encoder):
     from edfed.server.run_folder import RunFolder
 

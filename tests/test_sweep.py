@@ -127,6 +127,7 @@ def test_sweep_end_to_end_then_rerun_runs_nothing_and_a_deleted_point_alone(coho
     assert after["eps-2/seed-0/summary.json"] != before["eps-2/seed-0/summary.json"]
 
 
+@pytest.mark.slow
 def test_half_finished_point_restarts_from_scratch_with_a_fresh_ledger(cohort, tmp_path, tiny_encoder, monkeypatch):
     import edfed.simulations.federated
 
