@@ -430,7 +430,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_sweep(args)
     elif args.command == "report":
-        from edfed.common.report import write_report
+        from edfed.server.report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
     elif args.command == "experiment":
@@ -447,7 +447,7 @@ def _deploy(args: argparse.Namespace) -> None:
     elif args.action == "site-key":
         written = site_key(args.name, args.out)
     elif args.action == "consortium-key":
-        from edfed.common.release import consortium_key, public_key_id
+        from edfed.client.release import consortium_key, public_key_id
 
         written = consortium_key(args.out)
         print(f"consortium key id {public_key_id(written[1])} (sites check it in their trust file)")
@@ -464,8 +464,8 @@ def _deploy(args: argparse.Namespace) -> None:
 
         written = write_units(args.out, args.site_config, args.coordinator_config, args.user)
     elif args.action == "site-runner":
+        from edfed.client.release import write_site_runner
         from edfed.client.runner import TOKEN_WARNING, proc_hides_processes
-        from edfed.common.release import write_site_runner
 
         written = write_site_runner(args.out, args.consortium_key, args.min_version, args.coordinator_key)
         print(f"wrote {written[0]} and {written[1].parent}/: name the trust file as `trust` in site.toml (`edfed "
@@ -474,7 +474,7 @@ def _deploy(args: argparse.Namespace) -> None:
             print(TOKEN_WARNING.replace("this ClientApp's", "each ClientApp's"), file=sys.stderr)
         return
     else:
-        from edfed.common.proxy import write_proxy_config
+        from edfed.server.proxy import write_proxy_config
 
         creds = args.credentials
         written = write_proxy_config(args.out, args.listen, creds / "server.pem", creds / "server.key",
@@ -509,7 +509,7 @@ def _party(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    from edfed.common import release
+    from edfed.client import release
 
     if args.action == "build":
         fab, digest = release.build_release(args.app, args.out)

@@ -32,6 +32,7 @@ from edfed.common.config import RUN_DEFAULTS, TrainConfig, train_config_from
 from edfed.common.contract import OUTCOMES, load_site
 from edfed.common.errors import EdfedError
 from edfed.common.files import atomic_write, atomic_write_text, latest_checkpoint, private_dir
+from edfed.common.metrics import MIN_CELL
 
 FORMAT, FORMAT_VERSION = "edfed-deployed-model", 1
 CONFIG, WEIGHTS, VOCABULARY, CARD = "config.json", "model.safetensors", "vocabulary.json", "README.md"
@@ -266,7 +267,7 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # the model card
 
-MIN_EVENTS = 10  # as the report: fewer events and a metric is not shown (common.report.MIN_CELL)
+MIN_EVENTS = MIN_CELL  # the report's rule: fewer events and a metric is not shown
 
 
 def _ci(metric: dict, name: str) -> str:

@@ -1,7 +1,7 @@
 """`edfed-clientapp`: the hospital's own stand-in for Flower's `flwr-clientapp`.
 
 The site's SuperExec (Flower's, in process isolation, with an auth secret) finds this through the shims
-`edfed deploy site-runner` writes (common.release.write_site_runner) ahead of Flower's commands on its
+`edfed deploy site-runner` writes (client.release.write_site_runner) ahead of Flower's commands on its
 PATH. It runs Flower's ClientApp process unchanged, except that the FAB is checked right after it is pulled
 from the SuperNode and before anything from it is installed or imported: its sha256 must be signed, in the
 run config's `release-signature`, by a key in the site's trust file, at no less than the trust file's
@@ -87,8 +87,8 @@ def run_verified_clientapp(trust_path: Path, flower_argv: list[str]) -> None:
     from flwr.common.constant import ErrorCode
     from flwr.supercore import log
 
+    from edfed.client.release import SIGNATURE_KEY, load_trust, verify_release
     from edfed.common.errors import EdfedError
-    from edfed.common.release import SIGNATURE_KEY, load_trust, verify_release
 
     # The modules themselves (their packages re-export same-named functions).
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")

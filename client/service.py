@@ -112,7 +112,7 @@ def _budget_problems(node: dict, where: str) -> list[str]:
 
 def check_site(service: SiteService, problems: Problems, where: str, check_data: bool = True) -> Problems:
     """Every check the site can make before it starts: appends to `problems` and returns it."""
-    from edfed.common.release import load_trust
+    from edfed.client.release import load_trust
 
     node = service.node_config
     problems.extend(_budget_problems(node, where))
@@ -220,8 +220,8 @@ def _node_config_toml(node: dict) -> str:
 
 def site_children(service: SiteService) -> list[Child]:
     """The SuperNode and its SuperExec, with the files they need written into the state folder."""
+    from edfed.client.release import write_runner_shims
     from edfed.common.credentials import superexec_secret
-    from edfed.common.release import write_runner_shims
 
     state = private_dir(service.state_dir.expanduser().resolve())
     secret = state / "superexec.secret"

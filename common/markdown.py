@@ -1,6 +1,6 @@
 """The one Markdown table formatter: `edfed report`, a sweep's and an experiment's results.md all use it.
 
-Kept apart from common/report.py so that light modules (the experiments' command line) can use it without
+Kept apart from server/report.py so that light modules (the experiments' command line) can use it without
 importing pandas.
 """
 

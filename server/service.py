@@ -141,7 +141,7 @@ def check_coordinator(service: CoordinatorService, problems: Problems) -> Proble
 
 def coordinator_children(service: CoordinatorService) -> list[Child]:
     from edfed.common.credentials import superexec_secret
-    from edfed.common.proxy import write_proxy_config
+    from edfed.server.proxy import write_proxy_config
 
     state = private_dir(service.state_dir.expanduser().resolve())
     creds = service.credentials.expanduser().resolve()

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edfed.common.audit import audit_run
 from edfed.common.contract import OUTCOMES
 from edfed.common.data import load_cohort, site_files
 from edfed.common.display import make_console
@@ -35,6 +34,7 @@ from edfed.common.errors import EdfedError
 from edfed.common.evaluation import write_summary
 from edfed.common.files import atomic_write, atomic_write_text
 from edfed.common.markdown import markdown_table
+from edfed.simulations.audit import audit_run
 
 METRICS = ("auroc", "auprc")
 # Settings that differ between points (or only name a folder), so they are not part of sweep.json.

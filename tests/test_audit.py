@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from edfed.common.audit import audit_model, audit_run, membership_attack
 from edfed.common.config import TrainConfig
 from edfed.common.data import VisitDataset, load_site_splits
 from edfed.common.errors import EdfedError
 from edfed.common.features import structured_feature_names
 from edfed.common.model import OutcomeModel
 from edfed.common.train import make_loader, make_optimizer, train_epoch
+from edfed.simulations.audit import audit_model, audit_run, membership_attack
 from edfed.simulations.cohort import generate_cohort
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from edfed.common.evaluation import print_peers
 from edfed.common.metrics import SUPPRESSED, calibration_slope_intercept, evaluate
 from edfed.common.plots import calibration_bins, plot_roc_and_calibration, wilson_interval
-from edfed.common.report import site_models, sites_table, write_report
+from edfed.server.report import site_models, sites_table, write_report
 
 
 def test_a_bin_of_one_visit_is_not_a_confident_one():

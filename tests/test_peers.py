@@ -12,7 +12,7 @@ from edfed.common import peers as peers_module
 from edfed.common.contract import OUTCOMES
 from edfed.common.data import load_cohort, site_files
 from edfed.common.peers import PEERS, federation_peers, fit_peers, regression_peers
-from edfed.common.report import SUPPRESSED, render_report
+from edfed.server.report import SUPPRESSED, render_report
 from edfed.simulations.cohort import generate_cohort
 
 

@@ -8,7 +8,7 @@ from importlib.metadata import version
 
 from edfed.common.evaluation import write_summary
 from edfed.common.provenance import PACKAGES
-from edfed.common.report import write_report
+from edfed.server.report import write_report
 
 
 def test_summary_has_provenance_and_the_report_shows_it(tmp_path):

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from edfed.cli.main import main
-from edfed.common.errors import EdfedError
-from edfed.common.proxy import FLEET_PATHS, write_proxy_config
-from edfed.common.release import (
+from edfed.client.release import (
     TASK_COMMANDS,
     consortium_key,
     load_trust,
@@ -26,6 +24,8 @@ from edfed.common.release import (
     write_site_runner,
     write_trust,
 )
+from edfed.common.errors import EdfedError
+from edfed.server.proxy import FLEET_PATHS, write_proxy_config
 
 
 def _fab(path: Path, version: str = "0.1.0", code: str = "app = None\n") -> Path:

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from edfed.cli.main import main
-from edfed.common.audit import audit_run
 from edfed.common.contract import OUTCOMES
-from edfed.common.report import SUPPRESSED, small_cell
+from edfed.server.report import SUPPRESSED, small_cell
+from edfed.simulations.audit import audit_run
 from edfed.simulations.cohort import generate_cohort
 
 

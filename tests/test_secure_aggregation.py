@@ -31,9 +31,9 @@ from edfed.common.credentials import site_key
 from edfed.common.errors import EdfedError
 from edfed.common.model import build_model
 from edfed.common.privacy import PrivacyLedger, epsilon_of
-from edfed.common.report import _privacy as privacy_section
 from edfed.common.signing import ENVELOPE, coordinator_key
 from edfed.server.federation import run_federation
+from edfed.server.report import _privacy as privacy_section
 from edfed.simulations.cohort import generate_cohort
 
 RUN = 5

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edfed.cli.main import main as edfed
+from edfed.client.release import consortium_key, public_key_id, write_site_runner
 from edfed.client.service import SITE_KEYS, load_site_config, site_children
 from edfed.common import supervisor
 from edfed.common.credentials import init_coordinator, site_key
 from edfed.common.privacy import PrivacyLedger
-from edfed.common.release import consortium_key, public_key_id, write_site_runner
 from edfed.common.signing import coordinator_key
 from edfed.server.service import COORDINATOR_KEYS, coordinator_children, load_coordinator_config
 from edfed.simulations.cohort import generate_cohort
