@@ -137,9 +137,6 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
                    help=f"how the coordinator combines the sites' updates (default {D['strategy']})")
     p.add_argument("--proximal-mu", type=_non_negative_float, default=None,
                    help=f"FedProx proximal weight (default {D['proximal-mu']:g})")
-    p.add_argument("--ffa-lora", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze LoRA A at a shared seed and train/average only B (FFA-LoRA; default "
-                        f"{'on' if D['ffa-lora'] else 'off'})")
     p.add_argument("--noise-draw", type=int, default=None,
                    help="simulated sites' DP noise: another value gives each site other noise (default 0)")
     p.add_argument("--architecture", choices=["auto", "full", "compact", "glm"], default=None,

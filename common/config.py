@@ -89,7 +89,6 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("query", "value")
     lora_layers: int = RUN_DEFAULTS["lora-layers"]  # adapters in the top N encoder layers; 0 = every layer
     # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
-    ffa_lora: bool = RUN_DEFAULTS["ffa-lora"]
     # "compact": train only LoRA's B, the structured tower and the heads: LoRA's A (as FFA-LoRA), the text
     # projection and the fusion layer keep their seeded init, fixed random projections that are the same at every
     # site (DP-SGD puts noise on every trained coordinate; this cuts them from ~74k to ~20k). "glm": see ARCHITECTURES.
@@ -181,7 +180,7 @@ class TrainConfig:
 # Run-config key -> TrainConfig field, for the keys a site's model and local training need.
 _TRAIN_KEYS = {"model": "model", "modality": "modality", "max-tokens": "max_tokens", "lora-layers": "lora_layers",
                "lora-r": "lora_r", "lr": "lr", "dp-lr": "dp_lr", "batch-size": "batch_size", "seed": "seed",
-               "ffa-lora": "ffa_lora", "lexical-features": "lexical_features", "glm-steps": "glm_steps",
+               "lexical-features": "lexical_features", "glm-steps": "glm_steps",
                "glm-lr": "glm_lr", "glm-l2": "glm_l2"}
 
 

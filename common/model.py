@@ -92,7 +92,7 @@ class OutcomeModel(nn.Module):
             # branch dominates the fusion layer by sheer number of inputs.
             self.text_proj = nn.Sequential(nn.LayerNorm(base.config.hidden_size),
                                            nn.Linear(base.config.hidden_size, STRUCT_DIM), nn.GELU())
-            if config.ffa_lora or config.compact:  # every site seeds A identically: only B needs averaging
+            if config.compact:  # FFA-LoRA: every site seeds A identically, so only B trains and travels
                 for name, param in self.encoder.named_parameters():
                     if "lora_A" in name:
                         param.requires_grad_(False)
