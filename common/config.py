@@ -31,7 +31,11 @@ ARCHITECTURES = ("full", "compact", "glm")
 NOTE_SECTIONS = ("impression", "assessment_plan", "triage", "history")
 
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# The run settings' defaults: pyproject.toml in a source checkout (and in the Flower app bundle built from it); an
+# installed wheel carries the same file as edfed/run_settings.toml (in the repository, a link to pyproject.toml,
+# not named pyproject.toml: flwr would take the edfed/ folder for an app).
+_SOURCE = Path(__file__).resolve().parents[1]
+PYPROJECT = _SOURCE / "pyproject.toml" if (_SOURCE / "pyproject.toml").is_file() else _SOURCE / "run_settings.toml"
 # The main job's data folder: the one --data that is generated (the simulated cohort) when it does not exist.
 DEFAULT_DATA_DIR = Path("data/cohort")
 
@@ -41,7 +45,7 @@ def _run_defaults() -> dict[str, Any]:
         return dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
     except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
         raise EdfedError(f"{PYPROJECT}: cannot read the run settings' defaults ([tool.flwr.app.config]): {exc}; "
-                         "edfed runs from its source folder (install.sh installs it in place)") from exc
+                         "reinstall edfed (`bash install.sh`)") from exc
 
 
 RUN_DEFAULTS: dict[str, Any] = _run_defaults()

@@ -39,8 +39,11 @@ def test_the_wheel_installs_only_the_edfed_package_and_imports_from_a_clean_venv
     site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                         check=True, capture_output=True, text=True).stdout.strip())
     before = set(os.listdir(site_packages))
+    # A clean environment: Flower's Ray backend leaves PYTHONPATH set in the process that ran a simulation, and pip
+    # would take the checkout's edfed.egg-info on it for edfed already installed.
+    clean = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=tmp_path, env=clean)
     added = set(os.listdir(site_packages)) - before
     assert not added & GENERIC, added
     assert "edfed" in added
@@ -50,10 +53,10 @@ def test_the_wheel_installs_only_the_edfed_package_and_imports_from_a_clean_venv
              "print(edfed.__file__); print(edfed.client.model_folder.__file__)\n"
              f"print([n for n in {sorted(GENERIC)} if importlib.util.find_spec(n)])\n")
     out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}).stdout.splitlines()
+                         env=clean).stdout.splitlines()
     assert out[0] == str(site_packages / "edfed" / "__init__.py")
     assert out[1] == str(site_packages / "edfed" / "client" / "model_folder.py")
     assert out[2] == "[]"
     version = subprocess.run([str(venv / "bin" / "edfed"), "--version"], capture_output=True, text=True, cwd=tmp_path,
-                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+                             env=clean)
     assert version.returncode == 0 and version.stdout.startswith("edfed "), version.stdout + version.stderr
