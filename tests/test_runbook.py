@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SETTINGS = "export P=$PWD/deploy-demo VISITS=300 PUBLIC_PORT=9443 SUPERLINK_PORT=9091 RUNTIME_PORT=9300"
-ENCODER = 'export ENCODER=$(python -c "from common.config import default_encoder_dir; print(default_encoder_dir())")'
+ENCODER = ('export ENCODER=$(python -c "from edfed.common.config import default_encoder_dir; '
+           'print(default_encoder_dir())")')
 
 
 def rehearsal_script() -> str:
