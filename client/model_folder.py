@@ -514,6 +514,15 @@ def _load_arrays(path: Path) -> dict[str, torch.Tensor]:
         raise EdfedError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def _train_config(saved: dict) -> TrainConfig:
+    """A component's TrainConfig; folders written before FFA-LoRA left edfed carry `ffa_lora`, false unless that
+    comparison trained them (the compact model freezes LoRA's A either way)."""
+    saved = dict(saved)
+    if saved.pop("ffa_lora", False) and saved.get("architecture") != "compact":
+        raise ValueError("trained with ffa_lora, an option this edfed no longer has; retrain the model")
+    return TrainConfig(**saved)
+
+
 def load_model(path: Path | str, encoder: Path | str | None = None, device: str | None = None) -> DeployedModel:
     """A deployed model folder (`save_deployed_model`: config.json, model.safetensors) or a run folder (run.json and
     checkpoints/: its global model). `encoder`: the run's text encoder folder (default: the packaged one); its
@@ -541,7 +550,7 @@ def load_model(path: Path | str, encoder: Path | str | None = None, device: str 
         neural = {}
         for name, component in config["components"].items():
             state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
-            neural[name] = (TrainConfig(**component["train_config"]), state, component.get("frozen_fingerprint", ""))
+            neural[name] = (_train_config(component["train_config"]), state, component.get("frozen_fingerprint", ""))
         vocabulary = None
         if config.get("regressions") and "tfidf" in config["regressions"]:
             vocabulary = _read_json(path / VOCABULARY)

@@ -92,7 +92,6 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
     lora_layers: int = RUN_DEFAULTS["lora-layers"]  # adapters in the top N encoder layers; 0 = every layer
-    # FFA-LoRA: A matrices frozen at their seeded init, only B trains and travels
     # "compact": train only LoRA's B, the structured tower and the heads: LoRA's A (as FFA-LoRA), the text
     # projection and the fusion layer keep their seeded init, fixed random projections that are the same at every
     # site (DP-SGD puts noise on every trained coordinate; this cuts them from ~74k to ~20k). "glm": see ARCHITECTURES.

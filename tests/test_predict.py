@@ -226,6 +226,26 @@ def test_a_damaged_folder_is_refused(site, tmp_path, damage):
         edfed.load_model(folder, encoder=site["encoder"])
 
 
+def test_a_folder_written_before_ffa_lora_left_still_loads_and_predicts_the_same(site, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(site["folder"], tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    for component in config["components"].values():
+        component["train_config"]["ffa_lora"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    table = edfed.read_table(site["root"] / "export.csv", mapping=site["root"] / "mapping.toml")
+    old = edfed.load_model(folder, encoder=site["encoder"]).predict_proba(table)
+    new = edfed.load_model(site["folder"], encoder=site["encoder"]).predict_proba(table)
+    np.testing.assert_array_equal(old[list(RISK_COLUMNS)].to_numpy(), new[list(RISK_COLUMNS)].to_numpy())
+
+    for component in config["components"].values():
+        component["train_config"]["ffa_lora"] = True  # a model of that comparison: not one this edfed builds
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdfedError, match="ffa_lora"):
+        edfed.load_model(folder, encoder=site["encoder"])
+
+
 def test_platt_parameters_are_those_of_a_logistic_fit():
     rng = np.random.default_rng(0)
     risk = rng.uniform(0.05, 0.95, 400)
